@@ -1,0 +1,49 @@
+"""Pseudo-preference labels for a pair of responses from their raw scores and a multiplier.
+
+Bradley-Terry labels P(chosen > rejected) = sigmoid(beta_policy / beta_dual * (r_lam(chosen) -
+r_lam(rejected))), with r_lam = r + lam . g in reward units. DPO with coefficient beta_policy on
+such labels has the population optimum pi_ref * exp(r_lam / beta_dual) / Z = pi_lambda, the
+Lagrangian maximiser the dual was solved for: at the optimum sigmoid(beta_policy * z) = P, where z
+is the difference of log(pi / pi_ref) between the two responses, so z = (r_lam(c) - r_lam(r)) /
+beta_dual. With beta_policy == beta_dual (the usual case) the label temperature is 1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def combined_reward(reward: np.ndarray, safety: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    """r + lam . g. reward [n]; safety [n, m]; lam [m] -> [n] (float64)."""
+    reward = np.asarray(reward, dtype=np.float64)
+    safety = np.asarray(safety, dtype=np.float64).reshape(len(reward), -1)
+    lam = np.asarray(lam, dtype=np.float64).reshape(-1)
+    if safety.shape[1] != lam.shape[0]:
+        raise ValueError(f"safety has {safety.shape[1]} constraints per response but lambda has {lam.shape[0]}")
+    return reward + safety @ lam
+
+
+def pair_labels(
+    chosen_reward: np.ndarray,
+    chosen_safety: np.ndarray,
+    rejected_reward: np.ndarray,
+    rejected_safety: np.ndarray,
+    lam: np.ndarray,
+    beta_dual: float,
+    beta_policy: float,
+    *,
+    hard: bool = False,
+    seed: int = 0,
+) -> np.ndarray:
+    """P(chosen preferred) per pair, [n] float64 in [0, 1]. Rewards [n], safeties [n, m], lam [m].
+    hard=True draws one Bernoulli label per pair (seeded), as in the authors' code."""
+    if beta_dual <= 0 or beta_policy <= 0:
+        raise ValueError(f"betas must be positive, got beta_dual={beta_dual}, beta_policy={beta_policy}")
+    margin = combined_reward(chosen_reward, chosen_safety, lam) - combined_reward(rejected_reward, rejected_safety, lam)
+    if not np.all(np.isfinite(margin)):
+        raise ValueError(f"{int(np.sum(~np.isfinite(margin)))} pairs have non-finite scores")
+    logits = (beta_policy / beta_dual) * margin
+    probs = np.exp(-np.logaddexp(0.0, -logits))  # stable sigmoid
+    if hard:
+        probs = (np.random.default_rng(seed).random(len(probs)) < probs).astype(np.float64)
+    return probs
