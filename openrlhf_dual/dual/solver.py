@@ -1,0 +1,197 @@
+"""lambda* = argmin_{lam >= 0} D(lam): input checks, feasibility, projected Newton."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from openrlhf_dual.dual.objective import DualEval, dual_value, evaluate
+
+FORMS = ("model", "margin")
+
+
+@dataclass(frozen=True)
+class DualSolution:
+    """lam [m] (np.inf where infeasible), feasible, predicted {reward, safety [m], kl} of
+    pi_lambda* (NaN where infeasible), reference {reward, safety [m]} of pi_ref, reachable [m]
+    (mean over prompts of the best sample: the most reweighting can reach), iterations,
+    kkt_residual (max_j |min(lam_j, grad_j)| / safety scale), stderr [m] (sandwich over prompts;
+    0 for slack constraints), bootstrap_stderr [m] or None. Units: those of the scores (margin
+    form: beta times log-ratio)."""
+
+    lam: np.ndarray
+    feasible: bool
+    predicted: dict
+    reference: dict
+    reachable: np.ndarray
+    iterations: int
+    kkt_residual: float
+    stderr: np.ndarray
+    bootstrap_stderr: np.ndarray | None
+    thresholds: np.ndarray
+    beta: float
+    form: str
+    n_prompts: int
+    n_samples: int
+
+    def to_dict(self) -> dict:
+        """JSON-ready: arrays as lists, inf/NaN as None."""
+
+        def plain(x):
+            if isinstance(x, dict):
+                return {k: plain(v) for k, v in x.items()}
+            if isinstance(x, np.ndarray):
+                return [plain(v) for v in x.tolist()]
+            if isinstance(x, (list, tuple)):
+                return [plain(v) for v in x]
+            if isinstance(x, (float, np.floating)):
+                return float(x) if np.isfinite(x) else None
+            return x
+
+        return {k: plain(v) for k, v in self.__dict__.items()}
+
+
+def as_array(x, name: str) -> np.ndarray:
+    """float64 numpy copy of a numpy array, torch tensor or sequence; refuses non-finite values."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x, dtype=np.float64)
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        raise ValueError(f"{name} has {int(bad.sum())} non-finite values (NaN or inf); drop or fix those responses")
+    return arr
+
+
+def check_inputs(reward, safety, thresholds, beta: float, form: str):
+    """Validated (reward [N, K], safety [N, K, m], thresholds [m]) in float64 model form."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if not np.isfinite(beta) or beta <= 0:
+        raise ValueError(f"beta must be a positive number, got {beta}")
+    reward, safety = as_array(reward, "reward"), as_array(safety, "safety")
+    if reward.ndim != 2:
+        raise ValueError(f"reward must be [N prompts, K responses], got shape {reward.shape}")
+    if safety.ndim == 2:
+        safety = safety[..., None]
+    if safety.ndim != 3 or safety.shape[:2] != reward.shape:
+        raise ValueError(f"safety must be [N, K] or [N, K, m] matching reward {reward.shape}, got {safety.shape}")
+    if reward.shape[1] < 2:
+        raise ValueError(f"need at least 2 responses per prompt to reweight, got K = {reward.shape[1]}")
+    thresholds = np.atleast_1d(as_array(thresholds, "thresholds"))
+    if thresholds.shape != (safety.shape[2],):
+        raise ValueError(f"{safety.shape[2]} constraints but thresholds has shape {thresholds.shape}")
+    if form == "margin":  # log-ratios -> beta * (units), reference term folded in per prompt
+        reward = beta * reward
+        safety = beta * (safety - safety.mean(axis=1, keepdims=True))
+    return reward, safety, thresholds
+
+
+def joint_slack(safety: np.ndarray, thresholds: np.ndarray, tol: float = 1e-12) -> float:
+    """min over u in the simplex of h(u) = mean_i max_k u . g_ik - u . b (> 0 iff the thresholds
+    are strictly reachable by reweighting the samples), by Kelley's cutting planes: h is the max
+    of linear functions, one per choice of a sample per prompt, so each cut is exact."""
+    from scipy.optimize import linprog
+
+    m = safety.shape[2]
+    if m == 1:
+        return float(safety[..., 0].max(axis=1).mean() - thresholds[0])
+
+    def cut(u):
+        best = np.argmax(safety @ u, axis=1)
+        slope = safety[np.arange(len(best)), best].mean(axis=0) - thresholds
+        return slope @ u, slope
+
+    u = np.full(m, 1.0 / m)
+    cuts = []
+    for _ in range(200):
+        h, slope = cut(u)
+        cuts.append(slope)
+        # min t s.t. t >= slope_q . u for every cut, u in the simplex; variables (u, t)
+        res = linprog(
+            np.r_[np.zeros(m), 1.0],
+            A_ub=np.c_[np.array(cuts), -np.ones(len(cuts))], b_ub=np.zeros(len(cuts)),
+            A_eq=np.r_[np.ones(m), 0.0][None], b_eq=[1.0],
+            bounds=[(0, None)] * m + [(None, None)], method="highs",
+        )  # fmt: skip
+        u, lower = res.x[:m], res.x[m]
+        if cut(u)[0] - lower <= tol * max(1.0, abs(lower)):
+            return float(cut(u)[0])
+    return float(cut(u)[0])
+
+
+def _kkt(lam: np.ndarray, grad: np.ndarray) -> float:
+    return float(np.max(np.abs(np.minimum(lam, grad))))
+
+
+def newton(reward, safety, thresholds, beta, lam0=None, tol=1e-10, max_iter=100) -> tuple[np.ndarray, DualEval, int, float]:
+    """Projected Newton with an active set and Armijo backtracking on D; returns (lam, eval,
+    iterations, scaled KKT residual). Inputs must be feasible (D bounded below)."""
+    m = safety.shape[2]
+    scale = max(1.0, float(np.abs(safety).max()))
+    lam = np.zeros(m) if lam0 is None else np.maximum(np.asarray(lam0, dtype=np.float64), 0.0)
+    ev = evaluate(reward, safety, lam, beta, thresholds)
+    for it in range(1, max_iter + 1):
+        grad = ev.safety - thresholds
+        if _kkt(lam, grad) / scale <= tol:
+            return lam, ev, it - 1, _kkt(lam, grad) / scale
+        free = ~((lam <= 0) & (grad > 0))
+        step = np.zeros(m)
+        h = ev.hess[np.ix_(free, free)]
+        h = h + np.eye(len(h)) * (1e-12 * max(1.0, np.trace(h)))
+        step[free] = -np.linalg.solve(h, grad[free])
+        t, accepted = 1.0, False
+        for _ in range(60):
+            trial = np.maximum(lam + t * step, 0.0)
+            value = dual_value(reward, safety, trial, beta, thresholds)
+            if value <= ev.value + 1e-4 * grad @ (trial - lam) + 1e-13 * max(1.0, abs(ev.value)):
+                accepted = True
+                break
+            t *= 0.5
+        if not accepted:
+            break
+        lam = trial
+        ev = evaluate(reward, safety, lam, beta, thresholds)
+    grad = ev.safety - thresholds
+    return lam, ev, it, _kkt(lam, grad) / scale
+
+
+def solve_dual(
+    reward,
+    safety,
+    thresholds,
+    beta: float,
+    *,
+    form: str = "model",
+    lam0=None,
+    tol: float = 1e-10,
+    max_iter: int = 100,
+    bootstrap: int = 0,
+    seed: int = 0,
+) -> DualSolution:
+    """lambda* of CAN's sample dual. reward [N, K]; safety [N, K] or [N, K, m]; thresholds a
+    float or [m]; numpy arrays or torch tensors. form="model": E_pi[g_j] >= b_j. form="margin"
+    (PeCAN): inputs are log-ratio scores s_r, s_g; the constraint is E_pi[g] - E_ref[g] >= b with
+    g = beta * s_g, handled as the model form on r = beta * s_r, g = beta * (s_g - mean_k s_g):
+    centring per prompt leaves each prompt's softmax unchanged and puts the reference term (its
+    sample estimate) inside the per-prompt gradient, so standard errors account for it."""
+    from openrlhf_dual.dual.uncertainty import bootstrap_stderr, sandwich_stderr
+
+    reward, safety, thresholds = check_inputs(reward, safety, thresholds, beta, form)
+    n, k, m = safety.shape
+    reference = {"reward": float(reward.mean()), "safety": safety.mean(axis=(0, 1))}
+    reachable = safety.max(axis=1).mean(axis=0)
+    common = dict(reference=reference, reachable=reachable, thresholds=thresholds, beta=float(beta), form=form,
+                  n_prompts=n, n_samples=k)  # fmt: skip
+    slack = joint_slack(safety, thresholds)
+    if slack <= 1e-12 * max(1.0, float(np.abs(safety).max())):
+        nan = {"reward": float("nan"), "safety": np.full(m, np.nan), "kl": float("nan")}
+        return DualSolution(np.full(m, np.inf), False, nan, iterations=0, kkt_residual=float("nan"),
+                            stderr=np.full(m, np.nan), bootstrap_stderr=None, **common)  # fmt: skip
+    lam, ev, iterations, kkt = newton(reward, safety, thresholds, beta, lam0, tol, max_iter)
+    boot = bootstrap_stderr(reward, safety, thresholds, beta, lam, bootstrap, seed) if bootstrap else None
+    return DualSolution(
+        lam=lam, feasible=True, predicted={"reward": ev.reward, "safety": ev.safety, "kl": ev.kl},
+        iterations=iterations, kkt_residual=kkt, stderr=sandwich_stderr(ev, lam, thresholds),
+        bootstrap_stderr=boot, **common,
+    )  # fmt: skip

@@ -1,0 +1,40 @@
+"""Statistical error of lambda*, an M-estimate over prompts."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from openrlhf_dual.dual.objective import DualEval
+
+
+def sandwich_stderr(ev: DualEval, lam: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """sqrt(diag(H^-1 Cov(psi_i) H^-1 / N)) on the active constraints (lam_j > 0), where psi_i =
+    E_{w_i}[g] - b is prompt i's gradient and H the Hessian of D; slack constraints (lam_j = 0)
+    get 0. [m]."""
+    free = lam > 0
+    out = np.zeros(len(lam))
+    if not free.any():
+        return out
+    psi = ev.per_prompt_safety[:, free] - thresholds[free]
+    n = len(psi)
+    cov = np.atleast_2d(np.cov(psi, rowvar=False))
+    h_inv = np.linalg.pinv(ev.hess[np.ix_(free, free)])
+    out[free] = np.sqrt(np.maximum(np.diag(h_inv @ cov @ h_inv) / n, 0.0))
+    return out
+
+
+def bootstrap_stderr(reward, safety, thresholds, beta, lam, n_boot: int, seed: int) -> np.ndarray:
+    """Std of lambda* over n_boot resamples of prompts (with replacement), each warm-started at lam;
+    inf when some resample cannot reach the thresholds (lambda* is then unstable). [m]."""
+    from openrlhf_dual.dual.solver import joint_slack, newton
+
+    rng = np.random.default_rng(seed)
+    n = reward.shape[0]
+    draws = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        if joint_slack(safety[idx], thresholds) <= 0:  # this resample cannot reach the thresholds
+            draws.append(np.full(len(lam), np.inf))
+            continue
+        draws.append(newton(reward[idx], safety[idx], thresholds, beta, lam0=lam)[0])
+    return np.std(np.array(draws), axis=0, ddof=1)

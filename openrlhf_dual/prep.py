@@ -1,0 +1,260 @@
+"""The dual-preprocessing step: prompts -> K samples of pi_ref -> scores -> lambda* -> pairs.
+
+Writes a prep directory, the contract between stages:
+
+    manifest.json         inputs that fix samples and scores, versions, records, stage status
+    prompts.jsonl         {"id", "raw", "prompt"}: raw user prompt and the text pi_ref was given
+    samples/shard-*.jsonl per prompt: K responses {"text", "token_ids", "finished"}
+    scores/shard-*.npy    float64 [n, K, 1 + m]: reward, then each safety (signs applied)
+    dual.json             the dual solution (lambda*, predictions, standard errors, diagnostics)
+    frontier.json/.png    the one-constraint trade-off curve (m == 1)
+    pairs.jsonl           training pairs with raw scores (openrlhf_dual.pairs)
+
+Work is sharded by prompts; a shard is finished when its scores file exists (files are written
+atomically), so a rerun resumes from the finished shards and, sampling being seeded per prompt,
+ends with the same bytes as an uninterrupted run. Thresholds and beta are not part of the
+fingerprint: changing them re-solves the dual without re-sampling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+from tqdm import tqdm
+
+from openrlhf_dual.artifacts import read_jsonl, write_json, write_jsonl, write_npy
+
+SHARD = "shard-{:05d}"
+
+
+class PrepError(RuntimeError):
+    """Bad input or an inconsistent prep directory; nothing already written is lost."""
+
+
+@dataclass(frozen=True)
+class PrepConfig:
+    prep_dir: str
+    ref_model: str
+    prompt_dataset: str
+    reward: str  # source spec, see openrlhf_dual.scoring.parse_source
+    safety: tuple[str, ...]
+    thresholds: tuple[float, ...]
+    beta: float = 0.1
+    prompt_split: str = "train"
+    input_key: str = "input"
+    input_template: str | None = None
+    apply_chat_template: bool = False
+    max_samples: int = 1000  # N prompts
+    n_samples: int = 16  # K responses per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 42
+    backend: str = "hf"
+    num_actors: int = 1
+    num_gpus_per_actor: float = 0.0
+    shard_size: int = 64
+    bootstrap: int = 0
+    vllm: dict = field(default_factory=dict)
+
+    def fingerprint(self) -> dict:
+        """The inputs that determine samples and scores (a rerun must match them)."""
+        keep = {"thresholds", "beta", "bootstrap", "prep_dir", "num_actors", "num_gpus_per_actor", "vllm"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in keep}
+
+
+def _versions() -> dict:
+    import openrlhf_dual
+
+    out = {"python": platform.python_version(), "openrlhf_dual": openrlhf_dual.__version__}
+    for name in ("openrlhf", "torch", "transformers", "ray", "vllm"):
+        try:
+            from importlib.metadata import version
+
+            out[name] = version(name)
+        except Exception:
+            out[name] = None
+    return out
+
+
+def open_manifest(cfg: PrepConfig) -> dict:
+    """Create the manifest, or check that an existing prep directory was made from the same inputs."""
+    path = Path(cfg.prep_dir) / "manifest.json"
+    fp = json.loads(json.dumps(cfg.fingerprint()))  # tuples -> lists, as stored
+    if path.exists():
+        manifest = json.loads(path.read_text())
+        diff = sorted(k for k in set(fp) | set(manifest["inputs"]) if fp.get(k) != manifest["inputs"].get(k))
+        if diff:
+            raise PrepError(
+                f"{cfg.prep_dir} was prepared from other inputs ({', '.join(diff)} differ); "
+                "use a new --dual.prep_dir rather than mixing samples or scores of two setups"
+            )
+        return manifest
+    manifest = {"inputs": fp, "versions": _versions(), "records": {}, "stages": {}}
+    write_json(path, manifest)
+    return manifest
+
+
+def load_prompts(cfg: PrepConfig) -> list[dict]:
+    """N prompts by OpenRLHF's prompt-dataset conventions: {"id", "raw", "prompt"}."""
+    from openrlhf.datasets.prompts_dataset import preprocess_data
+    from openrlhf.datasets.utils import blending_datasets
+    from transformers import AutoTokenizer
+
+    # blending_datasets only logs through its strategy and asks it about rank 0 / ModelScope
+    strategy = SimpleNamespace(print=lambda *a: None, is_rank_0=lambda: True, args=SimpleNamespace(use_ms=False))
+    data = blending_datasets(
+        cfg.prompt_dataset, None, strategy, cfg.seed, max_count=cfg.max_samples, dataset_split=cfg.prompt_split
+    )
+    if cfg.input_key not in data.column_names:
+        raise PrepError(f"prompt dataset has no column {cfg.input_key!r} (columns: {data.column_names}); set --data.input_key")
+    data = data.select(range(min(cfg.max_samples, len(data))))
+    template = None
+    if cfg.apply_chat_template:
+        template = AutoTokenizer.from_pretrained(cfg.ref_model, trust_remote_code=False).apply_chat_template
+    rows = []
+    for i, row in enumerate(data):
+        prompt, _ = preprocess_data(row, cfg.input_template, cfg.input_key, None, template)
+        raw = row[cfg.input_key]
+        raw = raw if isinstance(raw, str) else raw[-1]["content"]
+        rows.append({"id": i, "raw": raw, "prompt": prompt})
+    if not rows:
+        raise PrepError(f"no prompts in {cfg.prompt_dataset} (split {cfg.prompt_split})")
+    return rows
+
+
+class _ScorerActor:
+    """Holds one scoring source in a Ray actor (models are loaded once per actor)."""
+
+    def __init__(self, spec: str, role: str, device: str):
+        from openrlhf_dual.scoring import build_scorer, parse_source
+
+        self.spec = parse_source(spec, role=role)
+        self.scorer = build_scorer(self.spec, device=device)
+
+    def score(self, raw_prompts: list[str], prompts: list[str], responses: list[str]) -> np.ndarray:
+        from openrlhf_dual.scoring import ScoreBatch
+
+        return self.scorer.score(ScoreBatch(raw_prompts, prompts, responses))
+
+
+def _score_shard(actors: list, names: list[str], rows: list[dict], samples: list[list[dict]]) -> np.ndarray:
+    """[n, K, 1 + m] scores of one shard, every source in parallel."""
+    import ray
+
+    n, k = len(rows), len(samples[0])
+    raw = [r["raw"] for r in rows for _ in range(k)]
+    prompts = [r["prompt"] for r in rows for _ in range(k)]
+    texts = [s["text"] for per_prompt in samples for s in per_prompt]
+    futures = [a.score.remote(raw, prompts, texts) for a in actors]
+    cols = []
+    for name, future in zip(names, futures):
+        try:
+            col = np.asarray(ray.get(future), dtype=np.float64)
+        except ray.exceptions.RayTaskError as err:
+            raise PrepError(f"scorer {name} failed: {err.cause}") from err
+        if col.shape != (n * k,):
+            raise PrepError(f"scorer {name} returned {col.shape} scores for {n * k} responses")
+        if not np.all(np.isfinite(col)):
+            raise PrepError(f"scorer {name} returned {int(np.sum(~np.isfinite(col)))} non-finite scores")
+        cols.append(col)
+    return np.stack(cols, axis=-1).reshape(n, k, len(actors))
+
+
+def _sample_and_score(cfg: PrepConfig, prompts: list[dict], todo: list[int], out: Path) -> None:
+    import ray
+    import torch
+
+    from openrlhf_dual.sampling import ReferenceSampler, SamplingConfig
+
+    if not ray.is_initialized():
+        ray.init()
+    device = "cuda" if torch.cuda.is_available() and cfg.num_gpus_per_actor > 0 else "cpu"
+    sources = [(cfg.reward, "reward")] + [(s, "safety") for s in cfg.safety]
+    actor_cls = ray.remote(_ScorerActor)
+    actors = [
+        actor_cls.options(num_cpus=0, num_gpus=cfg.num_gpus_per_actor).remote(spec, role, device)
+        for spec, role in sources
+    ]
+    sampling = SamplingConfig(
+        n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed
+    )
+    with ReferenceSampler(
+        cfg.backend, cfg.ref_model, cfg.num_actors, sampling, num_gpus_per_actor=cfg.num_gpus_per_actor, **cfg.vllm
+    ) as sampler:
+        for s in tqdm(todo, desc="prepare: sample + score shards"):
+            rows = prompts[s * cfg.shard_size : (s + 1) * cfg.shard_size]
+            sample_path = out / "samples" / f"{SHARD.format(s)}.jsonl"
+            if sample_path.exists():
+                samples = [r["responses"] for r in read_jsonl(sample_path)]
+            else:
+                got = sampler.sample([r["prompt"] for r in rows], indices=[r["id"] for r in rows])
+                samples = [[dataclasses.asdict(x) for x in per_prompt] for per_prompt in got]
+                write_jsonl(sample_path, [{"id": r["id"], "responses": x} for r, x in zip(rows, samples)])
+            names = [spec for spec, _ in sources]
+            write_npy(out / "scores" / f"{SHARD.format(s)}.npy", _score_shard(actors, names, rows, samples))
+    for a in actors:
+        ray.kill(a)
+
+
+def run_prepare(cfg: PrepConfig) -> dict:
+    """Run every unfinished stage; returns the dual solution as written to dual.json.
+    Raises PrepError for an infeasible threshold after writing the scores and dual.json."""
+    from openrlhf_dual.dual import frontier, plot_frontier, solve_dual
+    from openrlhf_dual.pairs import pairs_from_samples
+
+    if len(cfg.thresholds) != len(cfg.safety):
+        raise PrepError(f"{len(cfg.safety)} safety sources but {len(cfg.thresholds)} thresholds")
+    out = Path(cfg.prep_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = open_manifest(cfg)
+    t0 = time.time()
+    prompts_path = out / "prompts.jsonl"
+    prompts = read_jsonl(prompts_path) if prompts_path.exists() else load_prompts(cfg)
+    write_jsonl(prompts_path, prompts)
+    n_shards = math.ceil(len(prompts) / cfg.shard_size)
+    todo = [s for s in range(n_shards) if not (out / "scores" / f"{SHARD.format(s)}.npy").exists()]
+    if todo:
+        _sample_and_score(cfg, prompts, todo, out)
+    t_sampled = time.time()
+
+    scores = np.concatenate([np.load(out / "scores" / f"{SHARD.format(s)}.npy") for s in range(n_shards)])
+    samples = [r["responses"] for s in range(n_shards) for r in read_jsonl(out / "samples" / f"{SHARD.format(s)}.jsonl")]
+    texts = [[x["text"] for x in per_prompt] for per_prompt in samples]
+    manifest["records"]["empty_responses"] = sum(t == "" for per_prompt in texts for t in per_prompt)
+    manifest["records"]["unfinished_responses"] = sum(not x["finished"] for p in samples for x in p)
+
+    sol = solve_dual(scores[..., 0], scores[..., 1:], np.asarray(cfg.thresholds), cfg.beta, bootstrap=cfg.bootstrap)
+    solution = sol.to_dict()
+    write_json(out / "dual.json", solution)
+    if scores.shape[-1] == 2:
+        curve = frontier(scores[..., 0], scores[..., 1], cfg.beta)
+        write_json(out / "frontier.json", curve.to_dict())
+        plot_frontier(curve, out / "frontier.png", threshold=cfg.thresholds[0])
+    if not sol.feasible:
+        write_json(out / "manifest.json", manifest)
+        raise PrepError(
+            f"threshold(s) {list(cfg.thresholds)} cannot be reached by reweighting pi_ref's samples "
+            f"(reachable maximum per constraint: {np.asarray(sol.reachable).tolist()}); scores are kept in "
+            f"{out}: rerun with a lower --dual.threshold (only the dual is re-solved)"
+        )
+    rows, dropped = pairs_from_samples(prompts, texts, scores, sol.lam)
+    write_jsonl(out / "pairs.jsonl", rows)
+    manifest["records"]["identical_pairs_dropped"] = dropped
+    manifest["stages"] = {
+        "shards": n_shards,
+        "sample_score_seconds": round(t_sampled - t0, 3),
+        "pairs": len(rows),
+        "thresholds": list(cfg.thresholds),
+        "beta": cfg.beta,
+    }
+    write_json(out / "manifest.json", manifest)
+    return solution

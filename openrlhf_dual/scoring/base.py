@@ -1,0 +1,122 @@
+"""Score sources: what a spec string means, and the checks every source's scores go through."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+KINDS = ("rm", "safe_rlhf", "remote", "file")
+OPTIONS = {"sign", "batch_size", "max_len", "normalize", "trust_remote_code", "value_head_prefix", "timeout"}
+
+
+@dataclass(frozen=True)
+class ScoreBatch:
+    """n (prompt, response) pairs. raw_prompts: the user's text (for scorers with their own
+    conversation template); prompts: the exact text the policy was given; responses: generated text."""
+
+    raw_prompts: list[str]
+    prompts: list[str]
+    responses: list[str]
+
+    @property
+    def queries(self) -> list[str]:
+        """prompt + response, as OpenRLHF's PPO sends them to reward models and reward functions."""
+        return [p + r for p, r in zip(self.prompts, self.responses)]
+
+    def __len__(self) -> int:
+        return len(self.responses)
+
+
+class Scorer(Protocol):
+    def score(self, batch: ScoreBatch) -> np.ndarray:
+        """float64 [n]."""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """`KIND:LOCATION[,key=value...]`, e.g. `safe_rlhf:/ckpt/beaver-7b-v1.0-cost,sign=-1`."""
+
+    kind: str
+    location: str
+    sign: float = 1.0
+    options: dict = field(default_factory=dict)
+    text: str = ""
+
+    def option(self, key: str, default):
+        value = self.options.get(key)
+        if value is None:
+            return default
+        if isinstance(default, bool):
+            return value.lower() in ("1", "true", "yes")
+        return type(default)(value) if default is not None else value
+
+
+def parse_source(text: str, role: str = "reward") -> SourceSpec:
+    """Parse a source spec. A safety source must declare its sign: +1 (higher is safer) or -1 (a
+    cost, turned into safety g = -cost); a reward source defaults to +1."""
+    kind, sep, rest = text.partition(":")
+    if not sep or kind not in KINDS:
+        raise ValueError(f"score source {text!r}: expected KIND:LOCATION with KIND one of {', '.join(KINDS)}")
+    location, *opts = rest.split(",")
+    options = {}
+    for opt in opts:
+        key, eq, value = opt.partition("=")
+        if not eq or key not in OPTIONS:
+            raise ValueError(f"score source {text!r}: unknown option {opt!r} (known: {', '.join(sorted(OPTIONS))})")
+        options[key] = value
+    if "sign" not in options and role == "safety":
+        raise ValueError(
+            f"safety source {text!r}: declare sign=+1 (higher is safer) or sign=-1 (a cost: safety g = -cost)"
+        )
+    sign = float(options.pop("sign", 1))
+    if sign not in (1.0, -1.0):
+        raise ValueError(f"score source {text!r}: sign must be +1 or -1, got {sign}")
+    if not location:
+        raise ValueError(f"score source {text!r}: empty location")
+    return SourceSpec(kind, location, sign, options, text)
+
+
+class _Checked:
+    """Applies the declared sign and refuses wrong-length or non-finite scores, naming the source."""
+
+    def __init__(self, inner: Scorer, spec: SourceSpec):
+        self.inner, self.spec = inner, spec
+
+    def score(self, batch: ScoreBatch) -> np.ndarray:
+        out = np.asarray(self.inner.score(batch), dtype=np.float64).reshape(-1)
+        if out.shape[0] != len(batch):
+            raise ValueError(f"source {self.spec.text}: {out.shape[0]} scores for {len(batch)} responses")
+        bad = np.flatnonzero(~np.isfinite(out))
+        if bad.size:
+            raise ValueError(f"source {self.spec.text}: {bad.size} non-finite scores (first at {bad[:5].tolist()})")
+        return self.spec.sign * out
+
+
+def build_scorer(spec: SourceSpec, device: str = "cpu") -> Scorer:
+    """The scorer for a spec, with its sign applied and its output checked."""
+    if spec.kind == "file":
+        from openrlhf_dual.scoring.reward_file import RewardFileScorer
+
+        inner = RewardFileScorer(spec.location, batch_size=spec.option("batch_size", 64))
+    elif spec.kind == "remote":
+        from openrlhf_dual.scoring.remote import RemoteScorer
+
+        inner = RemoteScorer(spec.location, batch_size=spec.option("batch_size", 64), timeout=spec.option("timeout", 60.0))
+    elif spec.kind == "rm":
+        from openrlhf_dual.scoring.openrlhf_rm import OpenRLHFRewardScorer
+
+        inner = OpenRLHFRewardScorer(
+            spec.location, device=device, batch_size=spec.option("batch_size", 16), max_len=spec.option("max_len", 2048),
+            normalize=spec.option("normalize", True), value_head_prefix=spec.option("value_head_prefix", None),
+            trust_remote_code=spec.option("trust_remote_code", False),
+        )  # fmt: skip
+    else:
+        from openrlhf_dual.scoring.safe_rlhf import SafeRLHFScorer
+
+        inner = SafeRLHFScorer(
+            spec.location, device=device, batch_size=spec.option("batch_size", 16), max_len=spec.option("max_len", 2048),
+            trust_remote_code=spec.option("trust_remote_code", False),
+        )  # fmt: skip
+    return _Checked(inner, spec)
