@@ -125,35 +125,59 @@ def _kkt(lam: np.ndarray, grad: np.ndarray) -> float:
 
 
 def newton(reward, safety, thresholds, beta, lam0=None, tol=1e-10, max_iter=100) -> tuple[np.ndarray, DualEval, int, float]:
-    """Projected Newton with an active set and Armijo backtracking on D; returns (lam, eval,
-    iterations, scaled KKT residual). Inputs must be feasible (D bounded below)."""
-    m = safety.shape[2]
+    """Minimise D over lam >= 0 (inputs must be feasible: D bounded below). Returns (lam, eval at
+    lam, iterations, KKT residual scaled by the largest |g|). One constraint: Newton on the
+    monotone gradient inside a bracket, bisecting when a step leaves it (robust even where the
+    weights are nearly one-hot and the Hessian vanishes). Several: projected Newton with an
+    active set and Armijo backtracking on D."""
     scale = max(1.0, float(np.abs(safety).max()))
-    lam = np.zeros(m) if lam0 is None else np.maximum(np.asarray(lam0, dtype=np.float64), 0.0)
-    ev = evaluate(reward, safety, lam, beta, thresholds)
-    for it in range(1, max_iter + 1):
+    lam = np.zeros(safety.shape[2]) if lam0 is None else np.maximum(np.asarray(lam0, dtype=np.float64), 0.0)
+    step = _bracketed_step if safety.shape[2] == 1 else _projected_newton_step
+    ev, state = evaluate(reward, safety, lam, beta, thresholds), {}
+    for it in range(max_iter + 1):
         grad = ev.safety - thresholds
-        if _kkt(lam, grad) / scale <= tol:
-            return lam, ev, it - 1, _kkt(lam, grad) / scale
-        free = ~((lam <= 0) & (grad > 0))
-        step = np.zeros(m)
-        h = ev.hess[np.ix_(free, free)]
-        h = h + np.eye(len(h)) * (1e-12 * max(1.0, np.trace(h)))
-        step[free] = -np.linalg.solve(h, grad[free])
-        t, accepted = 1.0, False
-        for _ in range(60):
-            trial = np.maximum(lam + t * step, 0.0)
-            value = dual_value(reward, safety, trial, beta, thresholds)
-            if value <= ev.value + 1e-4 * grad @ (trial - lam) + 1e-13 * max(1.0, abs(ev.value)):
-                accepted = True
-                break
-            t *= 0.5
-        if not accepted:
+        kkt = _kkt(lam, grad) / scale
+        if kkt <= tol or it == max_iter:
             break
-        lam = trial
-        ev = evaluate(reward, safety, lam, beta, thresholds)
-    grad = ev.safety - thresholds
-    return lam, ev, it, _kkt(lam, grad) / scale
+        new = step(reward, safety, thresholds, beta, lam, ev, grad, state)
+        if new is None or np.array_equal(new, lam):  # no representable progress left
+            break
+        lam, ev = new, evaluate(reward, safety, new, beta, thresholds)
+    return lam, ev, it, kkt
+
+
+def _bracketed_step(reward, safety, thresholds, beta, lam, ev, grad, state):
+    """One constraint: grad(lam) = E_pi_lam[g] - b is non-decreasing; keep lo < lam* < hi."""
+    x, g, h = lam[0], grad[0], ev.hess[0, 0]
+    if g > 0 and x == 0:
+        return None  # slack: lam* = 0 exactly
+    if g < 0:
+        state["lo"] = x
+    else:
+        state["hi"] = x
+    lo, hi = state.get("lo", 0.0), state.get("hi")
+    guess = x - g / h if h > 0 else np.inf
+    if hi is None:  # no upper bracket yet: Newton if it moves up, else expand
+        nxt = guess if np.isfinite(guess) and guess > x else max(2.0 * x, beta / max(float(safety.std()), 1e-300))
+    else:
+        nxt = guess if lo < guess < hi else 0.5 * (lo + hi)
+    return np.array([nxt])
+
+
+def _projected_newton_step(reward, safety, thresholds, beta, lam, ev, grad, state):
+    """Several constraints: Newton on the free set (lam_j > 0 or grad_j < 0), projected onto
+    lam >= 0, with Armijo backtracking on D."""
+    free = ~((lam <= 0) & (grad > 0))
+    h = ev.hess[np.ix_(free, free)]
+    direction = np.zeros(len(lam))
+    direction[free] = -np.linalg.solve(h + np.eye(len(h)) * 1e-12 * max(1.0, np.trace(h)), grad[free])
+    t = 1.0
+    for _ in range(60):
+        trial = np.maximum(lam + t * direction, 0.0)
+        if dual_value(reward, safety, trial, beta, thresholds) <= ev.value + 1e-4 * grad @ (trial - lam):
+            return trial
+        t *= 0.5
+    return None
 
 
 def solve_dual(

@@ -1,0 +1,198 @@
+"""The dual core against an independent optimiser, its KKT conditions, edge cases and errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.optimize import brentq, minimize
+from scipy.special import logsumexp
+
+from openrlhf_dual.dual import frontier, plot_frontier, predict, solve_dual
+
+
+def instance(n=300, k=24, m=1, seed=0, scale=1.0):
+    rng = np.random.default_rng(seed)
+    reward = rng.normal(0, 1, (n, k)) + rng.normal(0, 0.5, (n, 1))
+    safety = -0.6 * reward[..., None] + rng.normal(0, 1, (n, k, m))
+    return scale * reward, scale * safety
+
+
+def independent_lambda(reward, safety, b, beta):
+    """lambda* from scipy (SLSQP, then a polish on the active set) on an objective written
+    separately with scipy.special.logsumexp."""
+    n, k, m = safety.shape
+
+    def dual(lam):
+        return beta * np.mean(logsumexp((reward + safety @ lam) / beta, axis=1) - np.log(k)) - lam @ b
+
+    def grad(lam):
+        z = (reward + safety @ lam) / beta
+        w = np.exp(z - logsumexp(z, axis=1, keepdims=True))
+        return np.einsum("nk,nkm->m", w, safety) / n - b
+
+    if m == 1:  # the 1-D KKT system: lam = 0 if grad(0) >= 0, else the root of grad
+        return np.zeros(1) if grad(np.zeros(1))[0] >= 0 else np.array([brentq(lambda x: grad(np.array([x]))[0], 0, 1e3, xtol=1e-15, rtol=1e-15)])
+    res = minimize(dual, np.ones(m), jac=grad, bounds=[(0, None)] * m, method="L-BFGS-B",
+                   options={"ftol": 1e-15, "gtol": 1e-13, "maxiter": 10000})
+    lam = res.x
+    active = lam > 1e-6
+    for _ in range(50):  # Newton polish on the active set with finite-difference-free Hessian
+        z = (reward + safety @ lam) / beta
+        w = np.exp(z - logsumexp(z, axis=1, keepdims=True))
+        mean_g = np.einsum("nk,nkm->nm", w, safety)
+        h = (np.einsum("nk,nkj,nkl->jl", w, safety, safety) - mean_g.T @ mean_g) / (n * beta)
+        g = grad(lam)
+        lam[active] -= np.linalg.solve(h[np.ix_(active, active)], g[active])
+    lam[~active] = 0.0
+    return lam
+
+
+@pytest.mark.parametrize("m", [1, 2, 3])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lambda_matches_independent_optimiser(m, seed):
+    reward, safety = instance(m=m, seed=seed)
+    base = safety.mean(axis=(0, 1))
+    b = base + np.array([0.5, -2.0, 0.3])[:m]  # constraint 2 is slack (below the unconstrained optimum)
+    sol = solve_dual(reward, safety, b, 0.5)
+    ref = independent_lambda(reward, safety, b, 0.5)
+    assert sol.feasible
+    assert np.allclose(sol.lam, ref, rtol=1e-8, atol=1e-10), (sol.lam, ref)
+    assert sol.kkt_residual <= 1e-10
+    grad = sol.predicted["safety"] - b
+    assert np.all(grad >= -1e-10) and np.all(np.abs(sol.lam * grad) <= 1e-10)
+    active = sol.lam > 0
+    assert np.allclose(sol.predicted["safety"][active], b[active], atol=1e-8)
+    if m >= 2:
+        assert sol.lam[1] == 0.0  # slack: exactly zero
+
+
+@pytest.mark.parametrize("beta", [0.01, 0.1, 1.0, 10.0])
+@pytest.mark.parametrize("scale", [1.0, 1e4])
+def test_stable_at_any_beta_and_score_scale(beta, scale):
+    reward, safety = instance(m=1, seed=3, scale=scale)
+    b = safety.mean() + 0.3 * (safety.max(axis=1).mean() - safety.mean())
+    sol = solve_dual(reward, safety, b, beta * scale)
+    assert sol.feasible and np.all(np.isfinite(sol.lam))
+    assert sol.kkt_residual <= 1e-10
+    assert abs(sol.predicted["safety"][0] - b) <= 1e-8 * scale
+    assert np.allclose(sol.lam, independent_lambda(reward, safety, np.array([b]), beta * scale), rtol=1e-8)
+    # raw 1e4-magnitude scores with a small beta: logits of 1e6, still finite
+    sol = solve_dual(reward * 1e4 / scale, safety * 1e4 / scale, b * 1e4 / scale, beta)
+    assert sol.feasible and np.isfinite(sol.predicted["kl"]) and sol.kkt_residual <= 1e-10
+
+
+def test_infeasible_threshold_reports_reachable_not_a_huge_lambda():
+    reward, safety = instance(m=1)
+    reachable = safety[..., 0].max(axis=1).mean()
+    for b in (reachable + 0.1, reachable):  # beyond, and exactly at, the reachable maximum
+        sol = solve_dual(reward, safety, b, 0.5)
+        assert not sol.feasible and np.isinf(sol.lam).all()
+        assert sol.reachable[0] == pytest.approx(reachable)
+        assert np.isnan(sol.predicted["safety"]).all()
+
+
+def test_jointly_unreachable_thresholds_are_infeasible():
+    """Each constraint reachable alone, not both: g1 and g2 are never high in the same response."""
+    rng = np.random.default_rng(0)
+    one = rng.random((200, 16)) < 0.5
+    safety = np.stack([one, ~one], axis=-1).astype(float)  # every response has g1 + g2 = 1
+    reward = rng.normal(size=(200, 16))
+    assert solve_dual(reward, safety, [0.6, 0.3], 1.0).feasible
+    sol = solve_dual(reward, safety, [0.6, 0.6], 1.0)  # each <= 1 reachable, but g1 + g2 = 1
+    assert not sol.feasible and np.allclose(sol.reachable, [1.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(reward=np.full((4, 3), np.nan)), "reward has 12 non-finite"),
+        (dict(safety=np.r_[np.inf, np.zeros(11)].reshape(4, 3)), "safety has 1 non-finite"),
+        (dict(safety=np.zeros((4, 2))), "safety must be"),
+        (dict(reward=np.zeros((4, 1)), safety=np.zeros((4, 1))), "at least 2 responses"),
+        (dict(beta=-1.0), "beta must be a positive"),
+        (dict(thresholds=[0.0, 1.0]), "1 constraints but thresholds"),
+        (dict(thresholds=float("nan")), "thresholds has 1 non-finite"),
+        (dict(form="other"), "form must be"),
+    ],
+)
+def test_bad_input_is_a_clear_error(kwargs, match):
+    args = dict(reward=np.zeros((4, 3)), safety=np.zeros((4, 3)), thresholds=0.0, beta=1.0)
+    args.update(kwargs)
+    form = args.pop("form", "model")
+    with pytest.raises(ValueError, match=match):
+        solve_dual(args["reward"], args["safety"], args["thresholds"], args["beta"], form=form)
+
+
+def test_torch_tensors_give_the_same_answer():
+    torch = pytest.importorskip("torch")
+    reward, safety = instance(m=2)
+    b = safety.mean(axis=(0, 1)) + 0.2
+    a = solve_dual(reward, safety, b, 0.5)
+    t = solve_dual(torch.tensor(reward), torch.tensor(safety), torch.tensor(b), 0.5)
+    assert np.array_equal(a.lam, t.lam)
+
+
+def test_margin_form_is_model_form_on_centred_log_ratios():
+    rng = np.random.default_rng(5)
+    s_r, s_g = rng.normal(size=(100, 12)), rng.normal(size=(100, 12))
+    beta, b = 0.2, 0.05
+    margin = solve_dual(s_r, s_g, b, beta, form="margin")
+    model = solve_dual(beta * s_r, beta * (s_g - s_g.mean(axis=1, keepdims=True)), b, beta)
+    assert np.allclose(margin.lam, model.lam, rtol=1e-12)
+    shifted = solve_dual(s_r, s_g + rng.normal(size=(100, 1)) * 5, b, beta, form="margin")  # prompt constants
+    assert np.allclose(margin.lam, shifted.lam, rtol=1e-10)
+
+
+def test_predict_matches_solution_and_lambda_zero_is_the_reference():
+    reward, safety = instance(m=1)
+    sol = solve_dual(reward, safety, safety.mean() + 0.4, 0.5)
+    p = predict(reward, safety[..., 0], sol.lam, 0.5)
+    assert p["safety"][0] == pytest.approx(sol.predicted["safety"][0], abs=1e-12)
+    p0 = predict(reward, safety, [0.0], 0.5)
+    assert p0["safety"][0] != pytest.approx(safety.mean())  # pi_0 tilts towards reward already
+    uniform = predict(np.zeros_like(reward), safety, [0.0], 0.5)
+    assert uniform["safety"][0] == pytest.approx(safety.mean()) and uniform["kl"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_frontier_is_monotone_and_each_point_is_a_solution(tmp_path):
+    reward, safety = instance(m=1, seed=4)
+    curve = frontier(reward, safety[..., 0], 0.5)
+    assert np.all(np.diff(curve.safety) >= -1e-12) and np.all(np.diff(curve.reward) <= 1e-12)
+    assert curve.lam[0] == 0.0 and curve.safety[-1] <= curve.reachable
+    assert curve.reachable - curve.safety[-1] <= 1e-3 * (curve.reachable - curve.safety[0]) + 1e-12
+    for i in (10, 30, 50):
+        sol = solve_dual(reward, safety, curve.safety[i], 0.5)
+        assert sol.lam[0] == pytest.approx(curve.lam[i], rel=1e-6)
+        assert sol.predicted["kl"] == pytest.approx(curve.kl[i], rel=1e-6)
+    path = tmp_path / "frontier.png"
+    plot_frontier(curve, path, threshold=float(curve.safety[30]))
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def test_standard_errors_are_calibrated():
+    """Sandwich and bootstrap errors of lambda* match the spread of lambda* over independent
+    samples, and 95% intervals cover the population lambda* (N -> infinity at the same K)."""
+    b, beta, k = 0.1, 0.5, 16
+
+    def draw(n, seed):
+        rng = np.random.default_rng(seed)
+        reward = rng.normal(0, 1, (n, k)) + rng.normal(0, 0.5, (n, 1))
+        return reward, -0.6 * reward + rng.normal(0, 1, (n, k)) + rng.normal(0, 0.3, (n, 1))
+
+    truth = solve_dual(*draw(200_000, 999), b, beta).lam[0]
+    sols = [solve_dual(*draw(400, s), b, beta) for s in range(300)]
+    lams = np.array([s.lam[0] for s in sols])
+    ses = np.array([s.stderr[0] for s in sols])
+    assert abs(ses.mean() / lams.std(ddof=1) - 1) < 0.15
+    coverage = np.mean(np.abs(lams - truth) <= 1.96 * ses)
+    assert 0.9 <= coverage <= 0.99, coverage
+    boot = [solve_dual(*draw(400, s), b, beta, bootstrap=200, seed=s) for s in range(5)]
+    ratio = np.mean([x.bootstrap_stderr[0] / x.stderr[0] for x in boot])
+    assert abs(ratio - 1) < 0.2, ratio
+
+
+def test_slack_constraint_has_zero_error():
+    reward, safety = instance(m=2)
+    sol = solve_dual(reward, safety, safety.mean(axis=(0, 1)) + np.array([0.4, -3.0]), 0.5)
+    assert sol.lam[1] == 0.0 and sol.stderr[1] == 0.0 and sol.stderr[0] > 0
