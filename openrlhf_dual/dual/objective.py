@@ -71,3 +71,45 @@ def predict(reward, safety, lam, beta: float) -> dict:
     lam = np.atleast_1d(np.asarray(lam, dtype=np.float64))
     ev = evaluate(reward, safety, lam, beta, np.zeros_like(lam))
     return {"reward": ev.reward, "safety": ev.safety, "kl": ev.kl}
+
+
+class OneConstraint:
+    """Fast passes for m = 1, the common case: a = r / beta and the per-prompt-centred
+    c = (g - mean_k g) / beta are precomputed once (centring changes no weight and keeps the
+    moments well conditioned); each pass returns the derivatives of D up to the third."""
+
+    def __init__(self, reward: np.ndarray, safety: np.ndarray, beta: float):
+        g = safety[..., 0]
+        self.g_mean = g.mean(axis=1)
+        self.a = reward / beta
+        self.c = (g - self.g_mean[:, None]) / beta
+        self.beta = beta
+        self.ones = np.ones(reward.shape[1])
+
+    def derivatives(self, lam: float, b: float) -> tuple[float, float, float, DualEval]:
+        """(dD/dlam, d2D/dlam2, d3D/dlam3) at lam: E[g] - b, Var[g] / beta, E[(g - E g)^3] / beta^2,
+        and the DualEval at lam (value not computed: NaN), all from one pass over the samples."""
+        z = self.c * lam
+        z += self.a
+        top = z.max(axis=1, keepdims=True)
+        z -= top
+        np.exp(z, out=z)
+        s = z @ self.ones
+        e_a = ((z * self.a) @ self.ones) / s
+        z *= self.c
+        m1 = (z @ self.ones) / s
+        z *= self.c
+        m2 = (z @ self.ones) / s
+        z *= self.c
+        m3 = (z @ self.ones) / s
+        var = m2 - m1 * m1
+        beta = self.beta
+        per_prompt = beta * m1 + self.g_mean
+        # KL = E_w[log w] + log K with log w = logit - top - log s and E_w[logit] = e_a + lam * m1
+        kl = (e_a + lam * m1 - top[:, 0] - np.log(s)).mean() + np.log(self.ones.shape[0])
+        ev = DualEval(
+            value=float("nan"), per_prompt_safety=per_prompt[:, None], safety=np.array([per_prompt.mean()]),
+            hess=np.array([[beta * var.mean()]]), reward=float(beta * e_a.mean()), kl=float(kl),
+        )  # fmt: skip
+        third = float(beta * (m3 - 3 * m1 * m2 + 2 * m1**3).mean())
+        return float(ev.safety[0] - b), float(ev.hess[0, 0]), third, ev

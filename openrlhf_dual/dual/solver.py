@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from openrlhf_dual.dual.objective import DualEval, dual_value, evaluate
+from openrlhf_dual.dual.objective import DualEval, OneConstraint, dual_value, evaluate
 
 FORMS = ("model", "margin")
 
@@ -126,45 +126,60 @@ def _kkt(lam: np.ndarray, grad: np.ndarray) -> float:
 
 def newton(reward, safety, thresholds, beta, lam0=None, tol=1e-10, max_iter=100) -> tuple[np.ndarray, DualEval, int, float]:
     """Minimise D over lam >= 0 (inputs must be feasible: D bounded below). Returns (lam, eval at
-    lam, iterations, KKT residual scaled by the largest |g|). One constraint: Newton on the
-    monotone gradient inside a bracket, bisecting when a step leaves it (robust even where the
-    weights are nearly one-hot and the Hessian vanishes). Several: projected Newton with an
-    active set and Armijo backtracking on D."""
+    lam, iterations, KKT residual scaled by the largest |g|). One constraint: `solve_one`.
+    Several: projected Newton with an active set and Armijo backtracking on D."""
     scale = max(1.0, float(np.abs(safety).max()))
+    if safety.shape[2] == 1:
+        lam, ev, it = solve_one(reward, safety, float(thresholds[0]), beta, lam0, tol * scale, max_iter)
+        return lam, ev, it, _kkt(lam, ev.safety - thresholds) / scale
     lam = np.zeros(safety.shape[2]) if lam0 is None else np.maximum(np.asarray(lam0, dtype=np.float64), 0.0)
-    step = _bracketed_step if safety.shape[2] == 1 else _projected_newton_step
-    ev, state = evaluate(reward, safety, lam, beta, thresholds), {}
+    ev = evaluate(reward, safety, lam, beta, thresholds)
     for it in range(max_iter + 1):
         grad = ev.safety - thresholds
         kkt = _kkt(lam, grad) / scale
         if kkt <= tol or it == max_iter:
             break
-        new = step(reward, safety, thresholds, beta, lam, ev, grad, state)
+        new = _projected_newton_step(reward, safety, thresholds, beta, lam, ev, grad)
         if new is None or np.array_equal(new, lam):  # no representable progress left
             break
         lam, ev = new, evaluate(reward, safety, new, beta, thresholds)
     return lam, ev, it, kkt
 
 
-def _bracketed_step(reward, safety, thresholds, beta, lam, ev, grad, state):
-    """One constraint: grad(lam) = E_pi_lam[g] - b is non-decreasing; keep lo < lam* < hi."""
-    x, g, h = lam[0], grad[0], ev.hess[0, 0]
-    if g > 0 and x == 0:
-        return None  # slack: lam* = 0 exactly
-    if g < 0:
-        state["lo"] = x
-    else:
-        state["hi"] = x
-    lo, hi = state.get("lo", 0.0), state.get("hi")
-    guess = x - g / h if h > 0 else np.inf
-    if hi is None:  # no upper bracket yet: Newton if it moves up, else expand
-        nxt = guess if np.isfinite(guess) and guess > x else max(2.0 * x, beta / max(float(safety.std()), 1e-300))
-    else:
-        nxt = guess if lo < guess < hi else 0.5 * (lo + hi)
-    return np.array([nxt])
+def solve_one(reward, safety, b: float, beta: float, lam0=None, tol=1e-10, max_iter=100) -> tuple[np.ndarray, DualEval, int]:
+    """One constraint: the gradient E_pi_lam[g] - b is non-decreasing in lam, so its root is
+    kept in a bracket [lo, hi]; Halley steps (closed-form second and third derivatives of D)
+    inside it, bisection when a step leaves it, doubling until hi is found. Robust where the
+    weights are nearly one-hot and the Hessian vanishes. Large N starts from the solution on a
+    strided subset of prompts (cheap, and close: the estimate's error is statistical)."""
+    n = reward.shape[0]
+    if lam0 is None and n > 4096:
+        sub = slice(None, None, n // 2048)
+        lam0 = solve_one(reward[sub], safety[sub], b, beta, None, tol, max_iter)[0]
+    f = OneConstraint(reward, safety, beta)
+    x = 0.0 if lam0 is None else max(float(np.asarray(lam0).reshape(-1)[0]), 0.0)
+    lo, hi, prev = 0.0, np.inf, np.inf
+    for it in range(max_iter):
+        g, h, t, ev = f.derivatives(x, b)
+        if abs(g) <= tol or (x == 0.0 and g > 0):  # converged, or slack: lam* = 0 exactly
+            return np.array([x]), ev, it
+        lo, hi = (x, hi) if g < 0 else (lo, x)
+        denom = 2 * h * h - g * t
+        guess = x - 2 * g * h / denom if denom > 0 else (x - g / h if h > 0 else np.inf)
+        slow = abs(g) > 0.5 * prev  # the last step did not halve the gradient: safeguard
+        prev = abs(g)
+        if not np.isfinite(hi):  # no upper bracket yet: the step if it goes up fast enough, else double
+            fast = np.isfinite(guess) and guess > x and not slow
+            nxt = guess if fast else max(2.0 * x, 1.0 / max(float(f.c.std()), 1e-300))
+        else:
+            nxt = guess if lo < guess < hi and not slow else 0.5 * (lo + hi)
+        if nxt == x:
+            break
+        x = nxt
+    return np.array([x]), f.derivatives(x, b)[3], max_iter
 
 
-def _projected_newton_step(reward, safety, thresholds, beta, lam, ev, grad, state):
+def _projected_newton_step(reward, safety, thresholds, beta, lam, ev, grad):
     """Several constraints: Newton on the free set (lam_j > 0 or grad_j < 0), projected onto
     lam >= 0, with Armijo backtracking on D."""
     free = ~((lam <= 0) & (grad > 0))
