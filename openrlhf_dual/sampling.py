@@ -81,12 +81,10 @@ class HFGenerator:
         return out
 
 
-def vllm_sampling_params(config: SamplingConfig, index: int):
-    """vLLM SamplingParams for one prompt's K samples (seeded by the prompt's global index)."""
-    from vllm import SamplingParams
-
-    return SamplingParams(
-        n=config.n, temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_new_tokens,
+def vllm_sampling_kwargs(config: SamplingConfig, index: int) -> dict:
+    """Arguments of vllm.SamplingParams for one prompt's K samples (seeded by its global index)."""
+    return dict(
+        n=config.n, temperature=config.temperature, top_p=config.top_p, top_k=-1, max_tokens=config.max_new_tokens,
         seed=config.prompt_seed(index), include_stop_str_in_output=True,
     )  # fmt: skip
 
@@ -155,13 +153,14 @@ class ReferenceSampler:
 
     def _sample_vllm(self, prompts: list[str], indices: list[int]) -> list[list[Response]]:
         import ray
+        from vllm import SamplingParams
 
         eos = self.tokenizer.eos_token_id
         futures = []
         for j, (prompt, index) in enumerate(zip(prompts, indices)):
             ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
             engine = self.actors[j % len(self.actors)]
-            futures.append(engine.generate.remote(ids, vllm_sampling_params(self.config, index)))
+            futures.append(engine.generate.remote(ids, SamplingParams(**vllm_sampling_kwargs(self.config, index))))
         outs = [ray.get(f) for f in tqdm(futures, desc="vllm sampling", leave=False)]
         return [[_response(list(c.token_ids), eos, self.tokenizer) for c in o.outputs] for o in outs]
 

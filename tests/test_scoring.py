@@ -1,0 +1,242 @@
+"""Score sources against direct model calls, and the loader traps of SCORING.md."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import torchrun
+from openrlhf_dual.launch import cpu_env
+from openrlhf_dual.scoring import ScoreBatch, build_scorer, parse_source
+
+BATCH = ScoreBatch(
+    raw_prompts=["w1 w2", "w3 w4 w5", "w6"],
+    prompts=["user : w1 w2 assistant : ", "user : w3 w4 w5 assistant : ", "user : w6 assistant : "],
+    responses=["good fine kind", "bad harm", "w7 w8 w9 w10 good"],
+)
+
+
+@pytest.fixture(scope="module")
+def trained_rm(tiny_model_dir, dpo_dataset_dir, tmp_path_factory) -> Path:
+    """A reward model trained by the real `openrlhf.cli.train_rm` (a few steps; its evaluation
+    writes mean/std into config.json)."""
+    out = tmp_path_factory.mktemp("rm")
+    torchrun(
+        "openrlhf.cli.train_rm",
+        ["--model.model_name_or_path", str(tiny_model_dir), "--data.dataset", str(dpo_dataset_dir),
+         "--eval.dataset", str(dpo_dataset_dir), "--data.prompt_key", "prompt", "--data.max_len", "64",
+         "--ds.attn_implementation", "eager", "--ds.zero_stage", "0", "--train.micro_batch_size", "8",
+         "--train.batch_size", "16", "--train.max_epochs", "1", "--adam.lr", "1e-3", "--ckpt.output_dir", str(out)],
+        nproc=1, cwd=out,
+    )  # fmt: skip
+    return out
+
+
+def direct_rm_scores(path: Path, queries: list[str], normalize: bool) -> np.ndarray:
+    """OpenRLHF's own loader and forward, fed like serve_rm, with mean/std set from config.json."""
+    from openrlhf.models import get_llm_for_sequence_regression
+    from transformers import AutoTokenizer
+
+    model = get_llm_for_sequence_regression(str(path), "reward", normalize_reward=normalize,
+                                            attn_implementation="eager").float().eval()  # fmt: skip
+    cfg = json.loads((path / "config.json").read_text())
+    model.mean.fill_(cfg["mean"])
+    model.std.fill_(cfg["std"])
+    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    enc = tok(queries, add_special_tokens=False, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(enc["input_ids"], enc["attention_mask"]).double().numpy()
+
+
+@pytest.mark.slow
+def test_openrlhf_rm_checkpoint_matches_direct_calls_and_restores_normalisation(trained_rm):
+    cfg = json.loads((trained_rm / "config.json").read_text())
+    assert "mean" in cfg and "std" in cfg and cfg["std"] > 0
+    ours = build_scorer(parse_source(f"rm:{trained_rm}")).score(BATCH)
+    assert np.allclose(ours, direct_rm_scores(trained_rm, BATCH.queries, True), atol=1e-5)
+    raw = build_scorer(parse_source(f"rm:{trained_rm},normalize=false")).score(BATCH)
+    assert np.allclose(ours, (raw - cfg["mean"]) / cfg["std"], atol=1e-5)
+
+    # The trap exists: OpenRLHF's loader alone leaves the buffers at something other than config.json's.
+    from openrlhf.models import get_llm_for_sequence_regression
+
+    plain = get_llm_for_sequence_regression(str(trained_rm), "reward", normalize_reward=True, attn_implementation="eager")
+    assert not (plain.mean.item() == pytest.approx(cfg["mean"]) and plain.std.item() == pytest.approx(cfg["std"]))
+
+
+@pytest.mark.slow
+def test_rm_with_a_renamed_head_fails_loudly(trained_rm, tmp_path):
+    broken = tmp_path / "renamed"
+    shutil.copytree(trained_rm, broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["value_head.weight"] = weights.pop("score.weight")
+    save_file(weights, broken / "model.safetensors")
+    with pytest.raises(ValueError, match="no reward head 'score.weight'.*value_head"):
+        build_scorer(parse_source(f"rm:{broken}"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_remote_serve_rm_matches_direct_calls(trained_rm, tmp_path):
+    """The real `openrlhf.cli.serve_rm` on loopback, scored through `remote:`."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    port = free_port()
+    log = open(tmp_path / "serve_rm.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "openrlhf.cli.serve_rm", "--reward.model_name_or_path", str(trained_rm),
+         "--ds.attn_implementation", "eager", "--ds.param_dtype", "bf16",
+         "--host", "127.0.0.1", "--port", str(port), "--data.max_len", "128"],
+        env=cpu_env(), stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/get_reward"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(urllib.request.Request(url, data=b'{"query": ["w1"]}'), timeout=5)
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    pytest.fail("serve_rm did not start:\n" + (tmp_path / "serve_rm.log").read_text()[-3000:])
+                time.sleep(0.5)
+        ours = build_scorer(parse_source(f"remote:{url},batch_size=2")).score(BATCH)
+    finally:
+        server.kill()
+        server.wait()
+    # serve_rm holds the model in bf16 and scores each request as one batch; started without
+    # --reward.normalize_enable (its buffers would be the uninitialised ones of the loader trap).
+    # Expected: the same bf16 forward through OpenRLHF's loader, on the same request batches.
+    from openrlhf.models import get_llm_for_sequence_regression
+    from transformers import AutoTokenizer
+
+    model = get_llm_for_sequence_regression(str(trained_rm), "reward", attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(trained_rm, padding_side="left")
+    expected = []
+    for i in range(0, 3, 2):
+        enc = tok(BATCH.queries[i : i + 2], add_special_tokens=False, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            expected += model(enc["input_ids"], enc["attention_mask"]).float().tolist()
+    assert np.allclose(ours, expected, atol=1e-5)
+
+
+def test_reward_file_equals_its_reward_func(tmp_path):
+    path = tmp_path / "reward.py"
+    path.write_text(
+        "import torch\n"
+        "def reward_func(queries, prompts, labels, **kw):\n"
+        "    assert len(queries) == len(prompts) == len(labels)\n"
+        "    return {'rewards': [torch.tensor([float(len(q) - len(p))]) for q, p in zip(queries, prompts)]}\n"
+    )
+    ours = build_scorer(parse_source(f"file:{path},batch_size=2")).score(BATCH)
+    assert ours.tolist() == [float(len(r)) for r in BATCH.responses]
+    cost = build_scorer(parse_source(f"file:{path},sign=-1", role="safety")).score(BATCH)
+    assert np.array_equal(cost, -ours)
+
+
+def test_non_finite_scores_name_the_source(tmp_path):
+    path = tmp_path / "nan.py"
+    path.write_text("def reward_func(queries, prompts, labels):\n    return {'rewards': [float('nan')] * len(queries)}\n")
+    with pytest.raises(ValueError, match="nan.py: 3 non-finite scores"):
+        build_scorer(parse_source(f"file:{path}")).score(BATCH)
+
+
+@pytest.mark.parametrize(
+    "text, role, match",
+    [
+        ("safe_rlhf:/x", "safety", "declare sign=\\+1"),
+        ("hub:/x", "reward", "KIND one of rm, safe_rlhf, remote, file"),
+        ("rm:/x,colour=red", "reward", "unknown option"),
+        ("rm:/x,sign=2", "reward", "sign must be"),
+    ],
+)
+def test_source_spec_errors(text, role, match):
+    with pytest.raises(ValueError, match=match):
+        parse_source(text, role=role)
+
+
+def safe_rlhf_checkpoint(tiny_model_dir: Path, out: Path, *, bias: bool, v2: bool) -> tuple[Path, dict]:
+    """A Safe-RLHF score model in the beaver format: LlamaModel under model.*, score_head."""
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    head = torch.nn.Linear(lm.config.hidden_size, 1, bias=bias)
+    if bias:
+        head.bias.data.fill_(0.75)
+    weights = {f"model.{k}": v.contiguous() for k, v in lm.model.state_dict().items()}
+    weights.update({f"score_head.{k}": v.contiguous() for k, v in head.state_dict().items()})
+    out.mkdir(parents=True)
+    save_file(weights, out / "model.safetensors")
+    cfg = lm.config.to_dict()
+    cfg.update(architectures=["LlamaForScore" if v2 else "LlamaModelForScore"], score_dim=1, bias=bias)
+    if v2:
+        cfg.update(do_normalize=True, normalizer_type="ExponentialMovingAverage", mean=[0.4], var=[2.25])
+    (out / "config.json").write_text(json.dumps(cfg))
+    for f in tiny_model_dir.glob("*token*"):
+        shutil.copy(f, out)
+    shutil.copy(tiny_model_dir / "chat_template.jinja", out)
+    return out, {"model": lm.model.eval(), "head": head.eval()}
+
+
+def direct_safe_rlhf(parts: dict, tok, batch: ScoreBatch) -> np.ndarray:
+    out = []
+    for raw, resp in zip(batch.raw_prompts, batch.responses):
+        text = f"BEGINNING OF CONVERSATION: USER: {raw} ASSISTANT:{resp}"
+        ids = [tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+        with torch.no_grad():
+            hidden = parts["model"](torch.tensor([ids])).last_hidden_state[0, -1]
+            out.append(parts["head"](hidden).item())
+    return np.array(out)
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_safe_rlhf_checkpoint_scores_keep_bias_and_normaliser(tiny_model_dir, tmp_path, v2):
+    from transformers import AutoTokenizer
+
+    path, parts = safe_rlhf_checkpoint(tiny_model_dir, tmp_path / "ckpt", bias=True, v2=v2)
+    tok = AutoTokenizer.from_pretrained(path)
+    ours = build_scorer(parse_source(f"safe_rlhf:{path},sign=-1", role="safety")).score(BATCH)
+    direct = direct_safe_rlhf(parts, tok, BATCH)
+    if v2:
+        direct = (direct - 0.4) / 1.5
+    assert np.allclose(ours, -direct, atol=1e-5)
+    # Without the bias every score moves by exactly the bias (through the normaliser in v2)
+    weights = load_file(path / "model.safetensors")
+    del weights["score_head.bias"]
+    save_file(weights, path / "model.safetensors")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["bias"] = False
+    (path / "config.json").write_text(json.dumps(cfg))
+    no_bias = build_scorer(parse_source(f"safe_rlhf:{path},sign=-1", role="safety")).score(BATCH)
+    assert np.allclose(no_bias - ours, 0.75 / (1.5 if v2 else 1.0), atol=1e-5)
+
+
+def test_safe_rlhf_missing_head_fails_loudly(tiny_model_dir, tmp_path):
+    path, _ = safe_rlhf_checkpoint(tiny_model_dir, tmp_path / "ckpt", bias=False, v2=False)
+    weights = load_file(path / "model.safetensors")
+    weights["reward_head.weight"] = weights.pop("score_head.weight")
+    save_file(weights, path / "model.safetensors")
+    with pytest.raises(ValueError, match="no score_head.weight"):
+        build_scorer(parse_source(f"safe_rlhf:{path}"))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModel": "modeling.Model"}
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="trust_remote_code=true"):
+        build_scorer(parse_source(f"safe_rlhf:{path}"))
