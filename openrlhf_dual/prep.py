@@ -8,6 +8,7 @@ Writes a prep directory, the contract between stages:
     scores/shard-*.npy    float64 [n, K, 1 + m]: reward, then each safety (signs applied)
     dual.json             the dual solution (lambda*, predictions, standard errors, diagnostics)
     frontier.json/.png    the one-constraint trade-off curve (m == 1)
+    pair_scores.npy       float64 [n, 2, 1 + m]: scores of a preference dataset's pairs, if used
     pairs.jsonl           training pairs with raw scores (openrlhf_dual.pairs)
 
 Work is sharded by prompts; a shard is finished when its scores file exists (files are written
@@ -31,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from openrlhf_dual.artifacts import read_jsonl, write_json, write_jsonl, write_npy
+from openrlhf_dual.pairs import pair_row, pairs_from_samples
 
 SHARD = "shard-{:05d}"
 
@@ -63,6 +65,8 @@ class PrepConfig:
     num_gpus_per_actor: float = 0.0
     shard_size: int = 64
     bootstrap: int = 0
+    pairs_dataset: str | None = None  # training pairs from this dataset's responses, not from the samples
+    pairs_keys: tuple[str, str] = ("response_0", "response_1")
     vllm: dict = field(default_factory=dict)
 
     def fingerprint(self) -> dict:
@@ -103,20 +107,20 @@ def open_manifest(cfg: PrepConfig) -> dict:
     return manifest
 
 
-def load_prompts(cfg: PrepConfig) -> list[dict]:
-    """N prompts by OpenRLHF's prompt-dataset conventions: {"id", "raw", "prompt"}."""
+def load_prompts(cfg: PrepConfig, dataset: str, limit: int, extra_keys: tuple[str, ...] = ()) -> list[dict]:
+    """Prompt rows by OpenRLHF's prompt-dataset conventions (path or name, split, input key,
+    chat template or input template, max samples): {"id", "raw", "prompt"} plus `extra_keys`."""
     from openrlhf.datasets.prompts_dataset import preprocess_data
     from openrlhf.datasets.utils import blending_datasets
     from transformers import AutoTokenizer
 
     # blending_datasets only logs through its strategy and asks it about rank 0 / ModelScope
     strategy = SimpleNamespace(print=lambda *a: None, is_rank_0=lambda: True, args=SimpleNamespace(use_ms=False))
-    data = blending_datasets(
-        cfg.prompt_dataset, None, strategy, cfg.seed, max_count=cfg.max_samples, dataset_split=cfg.prompt_split
-    )
-    if cfg.input_key not in data.column_names:
-        raise PrepError(f"prompt dataset has no column {cfg.input_key!r} (columns: {data.column_names}); set --data.input_key")
-    data = data.select(range(min(cfg.max_samples, len(data))))
+    data = blending_datasets(dataset, None, strategy, cfg.seed, max_count=limit, dataset_split=cfg.prompt_split)
+    missing = [k for k in (cfg.input_key, *extra_keys) if k not in data.column_names]
+    if missing:
+        raise PrepError(f"{dataset} has no column {missing[0]!r} (columns: {data.column_names}); check the --data/--dual keys")
+    data = data.select(range(min(limit, len(data))))
     template = None
     if cfg.apply_chat_template:
         template = AutoTokenizer.from_pretrained(cfg.ref_model, trust_remote_code=False).apply_chat_template
@@ -125,9 +129,9 @@ def load_prompts(cfg: PrepConfig) -> list[dict]:
         prompt, _ = preprocess_data(row, cfg.input_template, cfg.input_key, None, template)
         raw = row[cfg.input_key]
         raw = raw if isinstance(raw, str) else raw[-1]["content"]
-        rows.append({"id": i, "raw": raw, "prompt": prompt})
+        rows.append({"id": i, "raw": raw, "prompt": prompt, **{k: row[k] for k in extra_keys}})
     if not rows:
-        raise PrepError(f"no prompts in {cfg.prompt_dataset} (split {cfg.prompt_split})")
+        raise PrepError(f"no prompts in {dataset} (split {cfg.prompt_split})")
     return rows
 
 
@@ -169,21 +173,25 @@ def _score_shard(actors: list, names: list[str], rows: list[dict], samples: list
     return np.stack(cols, axis=-1).reshape(n, k, len(actors))
 
 
-def _sample_and_score(cfg: PrepConfig, prompts: list[dict], todo: list[int], out: Path) -> None:
+def _scorers(cfg: PrepConfig) -> tuple[list, list[str]]:
+    """One Ray actor per source (reward first, then each safety) on the current Ray cluster."""
     import ray
     import torch
-
-    from openrlhf_dual.sampling import ReferenceSampler, SamplingConfig
 
     if not ray.is_initialized():
         ray.init()
     device = "cuda" if torch.cuda.is_available() and cfg.num_gpus_per_actor > 0 else "cpu"
-    sources = [(cfg.reward, "reward")] + [(s, "safety") for s in cfg.safety]
-    actor_cls = ray.remote(_ScorerActor)
-    actors = [
-        actor_cls.options(num_cpus=0, num_gpus=cfg.num_gpus_per_actor).remote(spec, role, device)
-        for spec, role in sources
-    ]
+    sources = [(cfg.reward, "reward")] + [(spec, "safety") for spec in cfg.safety]
+    actor = ray.remote(_ScorerActor).options(num_cpus=0, num_gpus=cfg.num_gpus_per_actor)
+    return [actor.remote(spec, role, device) for spec, role in sources], [spec for spec, _ in sources]
+
+
+def _sample_and_score(cfg: PrepConfig, prompts: list[dict], todo: list[int], out: Path) -> None:
+    import ray
+
+    from openrlhf_dual.sampling import ReferenceSampler, SamplingConfig
+
+    actors, names = _scorers(cfg)
     sampling = SamplingConfig(
         n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed
     )
@@ -199,17 +207,39 @@ def _sample_and_score(cfg: PrepConfig, prompts: list[dict], todo: list[int], out
                 got = sampler.sample([r["prompt"] for r in rows], indices=[r["id"] for r in rows])
                 samples = [[dataclasses.asdict(x) for x in per_prompt] for per_prompt in got]
                 write_jsonl(sample_path, [{"id": r["id"], "responses": x} for r, x in zip(rows, samples)])
-            names = [spec for spec, _ in sources]
             write_npy(out / "scores" / f"{SHARD.format(s)}.npy", _score_shard(actors, names, rows, samples))
     for a in actors:
         ray.kill(a)
+
+
+def _dataset_pairs(cfg: PrepConfig, out: Path, lam: np.ndarray) -> list[dict]:
+    """Pairs from a preference dataset's own two responses per prompt (PKU-SafeRLHF's
+    response_0/response_1), scored by the same sources; scores kept in pair_scores.npy [n, 2, 1 + m]."""
+    import ray
+
+    keys = tuple(cfg.pairs_keys)
+    rows = load_prompts(cfg, cfg.pairs_dataset, 10**9, keys)
+    path = out / "pair_scores.npy"
+    if not path.exists():
+        actors, names = _scorers(cfg)
+        samples = [[{"text": r[k]} for k in keys] for r in rows]
+        scores = np.concatenate(
+            [_score_shard(actors, names, rows[i : i + cfg.shard_size], samples[i : i + cfg.shard_size])
+             for i in tqdm(range(0, len(rows), cfg.shard_size), desc="prepare: score dataset pairs")]
+        )  # fmt: skip
+        write_npy(path, scores)
+        for a in actors:
+            ray.kill(a)
+    scores = np.load(path)
+    if scores.shape[0] != len(rows):
+        raise PrepError(f"{path} holds {scores.shape[0]} scored pairs but {cfg.pairs_dataset} has {len(rows)}")
+    return [pair_row(r["prompt"], r["id"], (r[keys[0]], r[keys[1]]), s, lam) for r, s in zip(rows, scores)]
 
 
 def run_prepare(cfg: PrepConfig) -> dict:
     """Run every unfinished stage; returns the dual solution as written to dual.json.
     Raises PrepError for an infeasible threshold after writing the scores and dual.json."""
     from openrlhf_dual.dual import frontier, plot_frontier, solve_dual
-    from openrlhf_dual.pairs import pairs_from_samples
 
     if len(cfg.thresholds) != len(cfg.safety):
         raise PrepError(f"{len(cfg.safety)} safety sources but {len(cfg.thresholds)} thresholds")
@@ -218,7 +248,7 @@ def run_prepare(cfg: PrepConfig) -> dict:
     manifest = open_manifest(cfg)
     t0 = time.time()
     prompts_path = out / "prompts.jsonl"
-    prompts = read_jsonl(prompts_path) if prompts_path.exists() else load_prompts(cfg)
+    prompts = read_jsonl(prompts_path) if prompts_path.exists() else load_prompts(cfg, cfg.prompt_dataset, cfg.max_samples)
     write_jsonl(prompts_path, prompts)
     n_shards = math.ceil(len(prompts) / cfg.shard_size)
     todo = [s for s in range(n_shards) if not (out / "scores" / f"{SHARD.format(s)}.npy").exists()]
@@ -246,7 +276,10 @@ def run_prepare(cfg: PrepConfig) -> dict:
             f"(reachable maximum per constraint: {np.asarray(sol.reachable).tolist()}); scores are kept in "
             f"{out}: rerun with a lower --dual.threshold (only the dual is re-solved)"
         )
-    rows, dropped = pairs_from_samples(prompts, texts, scores, sol.lam)
+    if cfg.pairs_dataset:
+        rows, dropped = _dataset_pairs(cfg, out, sol.lam), 0
+    else:
+        rows, dropped = pairs_from_samples(prompts, texts, scores, sol.lam)
     write_jsonl(out / "pairs.jsonl", rows)
     manifest["records"]["identical_pairs_dropped"] = dropped
     manifest["stages"] = {

@@ -139,3 +139,21 @@ def test_non_finite_scores_name_the_source_and_keep_finished_shards(tiny_model_d
     assert "broken.py" in proc.stderr and "non-finite" in proc.stderr
     # w7 first appears in prompt 6 (shard 3): shards 0-2 are finished and kept
     assert sorted(f.name for f in prep.glob("scores/*.npy")) == [f"shard-0000{i}.npy" for i in range(3)]
+
+
+@pytest.mark.slow
+def test_pairs_from_a_preference_dataset(tiny_model_dir, inputs, tmp_path):
+    """PKU-SafeRLHF-style rows (prompt, response_0, response_1) become scored training pairs."""
+    pku = tmp_path / "pku.jsonl"
+    rows = [{"question": f"{WORDS[i]} {WORDS[i + 2]}", "response_0": "good good w1", "response_1": "bad w2"}
+            for i in range(20)]  # fmt: skip
+    pku.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prep = tmp_path / "prep"
+    proc = run(prepare_cmd(tiny_model_dir, inputs, prep, "--dual.pairs_dataset", str(pku)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pairs = read_jsonl(prep / "pairs.jsonl")
+    assert len(pairs) == 20 and np.load(prep / "pair_scores.npy").shape == (20, 2, 2)
+    for row in pairs:  # reward: #good - #bad; safety: #words - 2 (tests' reward files)
+        assert (row["chosen"], row["chosen_reward"], row["chosen_safety"]) == ("good good w1", 2.0, [1.0])
+        assert (row["rejected"], row["rejected_reward"], row["rejected_safety"]) == ("bad w2", -1.0, [0.0])
+    assert pairs[0]["prompt"].startswith("user : w0 w2")

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dual.threshold", type=float, nargs="+", required=True, help="b_j: E[g_j] >= b_j")
     p.add_argument("--dual.beta", type=float, default=0.1, help="KL coefficient (use the same in training)")
     p.add_argument("--dual.bootstrap", type=int, default=0, help="bootstrap resamples for lambda's error")
+    p.add_argument("--dual.pairs_dataset", default=None, help="train on this dataset's response pairs (else on samples)")
+    p.add_argument("--dual.pairs_keys", nargs=2, default=["response_0", "response_1"], help="its two response columns")
     return p
 
 
@@ -85,6 +87,8 @@ def config_from_args(a: dict) -> PrepConfig:
         thresholds=tuple(a["dual.threshold"]),
         beta=a["dual.beta"],
         bootstrap=a["dual.bootstrap"],
+        pairs_dataset=a["dual.pairs_dataset"],
+        pairs_keys=tuple(a["dual.pairs_keys"]),
         vllm=vllm,
     )
 
