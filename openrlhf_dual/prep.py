@@ -186,12 +186,14 @@ def _scorers(cfg: PrepConfig) -> tuple[list, list[str]]:
     return [actor.remote(spec, role, device) for spec, role in sources], [spec for spec, _ in sources]
 
 
-def _sample_and_score(cfg: PrepConfig, prompts: list[dict], todo: list[int], out: Path) -> None:
+def _sample_and_score(cfg: PrepConfig, prompts: list[dict], todo: list[int], out: Path) -> dict:
+    """Sample and score every unfinished shard; returns seconds spent {"sample", "score"}."""
     import ray
 
     from openrlhf_dual.sampling import ReferenceSampler, SamplingConfig
 
     actors, names = _scorers(cfg)
+    spent = {"sample": 0.0, "score": 0.0}
     sampling = SamplingConfig(
         n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed
     )
@@ -204,12 +206,18 @@ def _sample_and_score(cfg: PrepConfig, prompts: list[dict], todo: list[int], out
             if sample_path.exists():
                 samples = [r["responses"] for r in read_jsonl(sample_path)]
             else:
+                t = time.perf_counter()
                 got = sampler.sample([r["prompt"] for r in rows], indices=[r["id"] for r in rows])
+                spent["sample"] += time.perf_counter() - t
                 samples = [[dataclasses.asdict(x) for x in per_prompt] for per_prompt in got]
                 write_jsonl(sample_path, [{"id": r["id"], "responses": x} for r, x in zip(rows, samples)])
-            write_npy(out / "scores" / f"{SHARD.format(s)}.npy", _score_shard(actors, names, rows, samples))
+            t = time.perf_counter()
+            scores = _score_shard(actors, names, rows, samples)
+            spent["score"] += time.perf_counter() - t
+            write_npy(out / "scores" / f"{SHARD.format(s)}.npy", scores)
     for a in actors:
         ray.kill(a)
+    return spent
 
 
 def _dataset_pairs(cfg: PrepConfig, out: Path, lam: np.ndarray) -> list[dict]:
@@ -246,15 +254,13 @@ def run_prepare(cfg: PrepConfig) -> dict:
     out = Path(cfg.prep_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = open_manifest(cfg)
-    t0 = time.time()
+    t0 = time.perf_counter()
     prompts_path = out / "prompts.jsonl"
     prompts = read_jsonl(prompts_path) if prompts_path.exists() else load_prompts(cfg, cfg.prompt_dataset, cfg.max_samples)
     write_jsonl(prompts_path, prompts)
     n_shards = math.ceil(len(prompts) / cfg.shard_size)
     todo = [s for s in range(n_shards) if not (out / "scores" / f"{SHARD.format(s)}.npy").exists()]
-    if todo:
-        _sample_and_score(cfg, prompts, todo, out)
-    t_sampled = time.time()
+    spent = _sample_and_score(cfg, prompts, todo, out) if todo else {"sample": 0.0, "score": 0.0}
 
     scores = np.concatenate([np.load(out / "scores" / f"{SHARD.format(s)}.npy") for s in range(n_shards)])
     samples = [r["responses"] for s in range(n_shards) for r in read_jsonl(out / "samples" / f"{SHARD.format(s)}.jsonl")]
@@ -284,7 +290,10 @@ def run_prepare(cfg: PrepConfig) -> dict:
     manifest["records"]["identical_pairs_dropped"] = dropped
     manifest["stages"] = {
         "shards": n_shards,
-        "sample_score_seconds": round(t_sampled - t0, 3),
+        "shards_this_run": len(todo),
+        "sample_seconds": spent["sample"],
+        "score_seconds": spent["score"],
+        "total_seconds": time.perf_counter() - t0,
         "pairs": len(rows),
         "thresholds": list(cfg.thresholds),
         "beta": cfg.beta,
