@@ -92,19 +92,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_remote_serve_rm_matches_direct_calls(trained_rm, tmp_path):
-    """The real `openrlhf.cli.serve_rm` on loopback, scored through `remote:`."""
+@pytest.fixture(scope="module")
+def serve_rm_url(trained_rm, tmp_path_factory):
+    """The real `openrlhf.cli.serve_rm` on loopback serving the trained RM (bf16, raw scores:
+    --reward.normalize_enable would use the uninitialised buffers of the loader trap)."""
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    port = free_port()
-    log = open(tmp_path / "serve_rm.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "openrlhf.cli.serve_rm", "--reward.model_name_or_path", str(trained_rm),
-         "--ds.attn_implementation", "eager", "--ds.param_dtype", "bf16",
-         "--host", "127.0.0.1", "--port", str(port), "--data.max_len", "128"],
-        env=cpu_env(), stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    port, log_path = free_port(), tmp_path_factory.mktemp("serve_rm") / "serve_rm.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "openrlhf.cli.serve_rm", "--reward.model_name_or_path", str(trained_rm),
+             "--ds.attn_implementation", "eager", "--ds.param_dtype", "bf16",
+             "--host", "127.0.0.1", "--port", str(port), "--data.max_len", "128"],
+            env=cpu_env(), stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     url = f"http://127.0.0.1:{port}/get_reward"
     try:
         deadline = time.time() + 120
@@ -114,26 +115,71 @@ def test_remote_serve_rm_matches_direct_calls(trained_rm, tmp_path):
                 break
             except OSError:
                 if server.poll() is not None or time.time() > deadline:
-                    pytest.fail("serve_rm did not start:\n" + (tmp_path / "serve_rm.log").read_text()[-3000:])
+                    pytest.fail("serve_rm did not start:\n" + log_path.read_text()[-3000:])
                 time.sleep(0.5)
-        ours = build_scorer(parse_source(f"remote:{url},batch_size=2")).score(BATCH)
+        yield url
     finally:
         server.kill()
         server.wait()
-    # serve_rm holds the model in bf16 and scores each request as one batch; started without
-    # --reward.normalize_enable (its buffers would be the uninitialised ones of the loader trap).
-    # Expected: the same bf16 forward through OpenRLHF's loader, on the same request batches.
+
+
+def direct_bf16_rm(path: Path, batches: list[list[str]]) -> list[float]:
+    """What serve_rm computes: OpenRLHF's loader in bf16, no normalisation, one forward per request."""
     from openrlhf.models import get_llm_for_sequence_regression
     from transformers import AutoTokenizer
 
-    model = get_llm_for_sequence_regression(str(trained_rm), "reward", attn_implementation="eager").eval()
-    tok = AutoTokenizer.from_pretrained(trained_rm, padding_side="left")
-    expected = []
-    for i in range(0, 3, 2):
-        enc = tok(BATCH.queries[i : i + 2], add_special_tokens=False, padding=True, return_tensors="pt")
+    model = get_llm_for_sequence_regression(str(path), "reward", attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    out = []
+    for queries in batches:
+        enc = tok(queries, add_special_tokens=False, padding=True, return_tensors="pt")
         with torch.no_grad():
-            expected += model(enc["input_ids"], enc["attention_mask"]).float().tolist()
-    assert np.allclose(ours, expected, atol=1e-5)
+            out += model(enc["input_ids"], enc["attention_mask"]).float().tolist()
+    return out
+
+
+@pytest.mark.slow
+def test_remote_serve_rm_matches_direct_calls(trained_rm, serve_rm_url):
+    ours = build_scorer(parse_source(f"remote:{serve_rm_url},batch_size=2")).score(BATCH)
+    assert np.allclose(ours, direct_bf16_rm(trained_rm, [BATCH.queries[:2], BATCH.queries[2:]]), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_prepare_scores_every_source_kind_like_direct_calls(tiny_model_dir, trained_rm, serve_rm_url, tmp_path):
+    """prepare end to end (hf sampling on a local Ray): reward from the train_rm checkpoint; safety
+    from the serve_rm server, a reward file and a Safe-RLHF cost model; every score column equals
+    a direct call of the same model on the same text."""
+    from openrlhf_dual.artifacts import read_jsonl
+
+    reward_file = tmp_path / "len.py"
+    reward_file.write_text("def reward_func(queries, prompts, labels):\n    return {'rewards': [len(q) - len(p) for q, p in zip(queries, prompts)]}\n")
+    cost, parts = safe_rlhf_checkpoint(tiny_model_dir, tmp_path / "cost", bias=True, v2=False)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"input": f"w{i} w{i + 3}"}) + "\n" for i in range(4)))
+    prep = tmp_path / "prep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "openrlhf_dual.cli.prepare", "--ref.model_name_or_path", str(tiny_model_dir),
+         "--data.prompt_dataset", str(tmp_path / "prompts.jsonl"), "--data.apply_chat_template",
+         "--rollout.n_samples_per_prompt", "4", "--rollout.max_new_tokens", "5", "--dual.prep_dir", str(prep),
+         "--dual.reward", f"rm:{trained_rm}",
+         "--dual.safety", f"remote:{serve_rm_url},sign=+1,batch_size=16", f"file:{reward_file},sign=+1",
+         f"safe_rlhf:{cost},sign=-1",
+         "--dual.threshold", "-1000000", "-1000000", "-1000000", "--dual.beta", "1.0"],
+        env=cpu_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores = np.load(prep / "scores" / "shard-00000.npy")
+    assert scores.shape == (4, 4, 4)
+    prompts = read_jsonl(prep / "prompts.jsonl")
+    texts = [x["text"] for r in read_jsonl(prep / "samples" / "shard-00000.jsonl") for x in r["responses"]]
+    batch = ScoreBatch([p["raw"] for p in prompts for _ in range(4)], [p["prompt"] for p in prompts for _ in range(4)], texts)
+    assert np.allclose(scores[..., 0].ravel(), direct_rm_scores(trained_rm, batch.queries, True), atol=1e-5)
+    assert np.allclose(scores[..., 1].ravel(), direct_bf16_rm(trained_rm, [batch.queries]), atol=1e-5)
+    assert np.allclose(scores[..., 2].ravel(), [len(t) for t in texts], atol=1e-12)
+    from transformers import AutoTokenizer
+
+    assert np.allclose(scores[..., 3].ravel(), -direct_safe_rlhf(parts, AutoTokenizer.from_pretrained(cost), batch), atol=1e-5)
+    sol = json.loads((prep / "dual.json").read_text())
+    assert sol["feasible"] and sol["lam"] == [0.0, 0.0, 0.0]  # thresholds far below: all slack
 
 
 def test_reward_file_equals_its_reward_func(tmp_path):
