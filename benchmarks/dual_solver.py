@@ -57,21 +57,48 @@ def pgd(reward, safety, b, lr=1.0, err=1e-7, max_iters=200, max_loops=10) -> tup
     """The authors' notebook procedure, re-implemented: from lambda = 1, lambda <- max(0, lambda -
     step * grad) with step = 2 * lr; converged when lambda moved less than err over the last 5
     steps (after 10); after max_iters steps without converging, restart from 1 with the step
-    halved (at most max_loops times). Each step computes the softmax weights, the gradient, the
-    objective and the expected helpfulness and safety, as the notebook does. Returns (lambda, passes)."""
-    f, passes = OneConstraint(reward, safety, BETA), 0
-    step = 2 * lr
+    halved (at most max_loops times). Each step computes what a notebook step computes: the
+    softmax weights, the gradient, the objective (log-mean-exp) and the expected helpfulness and
+    safety. Returns (lambda, steps)."""
+    h, g = reward, safety[..., 0] - b
+    step, steps = 2 * lr, 0
     for loop in range(max_loops):
         step = step / 2**loop
         lam, trajectory = 1.0, []
         for it in range(max_iters):
-            g = f.derivatives(lam, b)[0]
-            passes += 1
-            lam = max(lam - step * g, 0.0)
+            logits = (h + g * lam) / BETA
+            top = logits.max(axis=1, keepdims=True)
+            w = np.exp(logits - top)
+            w /= w.sum(axis=1, keepdims=True)
+            grad = np.sum(w * g, axis=1).mean()
+            objective = BETA * np.mean(np.log(np.mean(np.exp(logits - top), axis=1)) + top[:, 0]) - lam * grad
+            helpfulness, safety_now = np.sum(w * h, axis=1).mean(), np.sum(w * g, axis=1).mean() + b  # noqa: F841
+            steps += 1
+            lam = max(lam - step * grad, 0.0)
             trajectory.append(lam)
             if it >= 10 and max(abs(lam - x) for x in trajectory[-6:-1]) < err:
-                return lam, passes
-    return float("nan"), passes
+                return lam, steps
+    return float("nan"), steps
+
+
+def lean_value_and_grad(reward, safety, b):
+    """L-BFGS-B's objective: D and dD/dlam in one pass (no Hessian, no predictions), on the
+    same precomputed a = r / beta and centred c = g / beta that our solver uses."""
+    f = OneConstraint(reward, safety, BETA)
+    shift = f.g_mean.mean()
+
+    def value_and_grad(lam):
+        z = f.c * lam
+        z += f.a
+        top = z.max(axis=1, keepdims=True)
+        z -= top
+        np.exp(z, out=z)
+        s = z @ f.ones
+        m1 = ((z * f.c) @ f.ones) / s
+        value = BETA * (top[:, 0] + np.log(s) - np.log(K)).mean() + lam * (shift - b)
+        return float(value), float(BETA * m1.mean() + shift - b)
+
+    return value_and_grad
 
 
 def lbfgsb(fg, gtol) -> tuple[float, int]:

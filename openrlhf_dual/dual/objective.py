@@ -95,7 +95,7 @@ class OneConstraint:
         z -= top
         np.exp(z, out=z)
         s = z @ self.ones
-        e_a = ((z * self.a) @ self.ones) / s
+        e_a = np.einsum("nk,nk->n", z, self.a) / s
         z *= self.c
         m1 = (z @ self.ones) / s
         z *= self.c

@@ -95,8 +95,7 @@ def joint_slack(safety: np.ndarray, thresholds: np.ndarray, tol: float = 1e-12) 
 
     m = safety.shape[2]
     if m == 1:
-        return float(safety[..., 0].max(axis=1).mean() - thresholds[0])
-
+        return float(safety[..., 0].max(axis=1).mean() - thresholds[0])  # the reachable maximum
     def cut(u):
         best = np.argmax(safety @ u, axis=1)
         slope = safety[np.arange(len(best)), best].mean(axis=0) - thresholds
@@ -153,8 +152,8 @@ def solve_one(reward, safety, b: float, beta: float, lam0=None, tol=1e-10, max_i
     weights are nearly one-hot and the Hessian vanishes. Large N starts from the solution on a
     strided subset of prompts (cheap, and close: the estimate's error is statistical)."""
     n = reward.shape[0]
-    if lam0 is None and n > 4096:
-        sub = slice(None, None, n // 2048)
+    if lam0 is None and n > 1024:
+        sub = slice(None, None, n // 512)
         lam0 = solve_one(reward[sub], safety[sub], b, beta, None, tol, max_iter)[0]
     f = OneConstraint(reward, safety, beta)
     x = 0.0 if lam0 is None else max(float(np.asarray(lam0).reshape(-1)[0]), 0.0)
