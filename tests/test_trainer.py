@@ -163,3 +163,25 @@ def test_mocan_launch_ways(module, lam, extra, prefers_chosen, tiny_model_dir, t
     agreement = tensorboard_scalars(tb, "train/label_agreement")
     assert agreement[-1] > 0.5
     assert (tmp_path / "ckpt" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_mocan_with_zero3_lora_gradient_checkpointing_and_resume(tiny_model_dir, tmp_path):
+    """OpenRLHF's own features keep working under MoCAN: ZeRO-3, LoRA, gradient checkpointing,
+    DeepSpeed checkpoints, and resuming from them."""
+    prep = write_prep_dir(tmp_path / "prep", lam=2.0)
+    flags = [
+        "--model.model_name_or_path", str(tiny_model_dir), "--data.max_len", "64", "--ds.attn_implementation", "eager",
+        "--ds.zero_stage", "3", "--ds.lora.rank", "4", "--ds.lora.alpha", "8", "--model.gradient_checkpointing_enable",
+        "--train.micro_batch_size", "4", "--train.batch_size", "8", "--train.max_epochs", "1", "--adam.lr", "1e-2",
+        "--logger.logging_steps", "1", "--ckpt.output_dir", str(tmp_path / "out"), "--ckpt.save_steps", "4",
+        "--ckpt.path", str(tmp_path / "ckpts"), "--dual.algo", "mocan", "--dual.prep_dir", str(prep),
+    ]  # fmt: skip
+    torchrun("openrlhf_dual.cli.train_dpo", [*flags, "--logger.tensorboard_dir", str(tmp_path / "tb")], cwd=tmp_path)
+    margin = np.array(tensorboard_scalars(tmp_path / "tb", "train/chosen_reward")) - np.array(
+        tensorboard_scalars(tmp_path / "tb", "train/reject_reward"))
+    assert margin[-1] < -0.05, margin  # labels (lambda = 2) prefer the safe "rejected" responses
+    assert (tmp_path / "out" / "adapter_config.json").exists()
+    assert {p.name for p in (tmp_path / "ckpts").iterdir()} >= {"global_step4", "global_step8"}
+    out = torchrun("openrlhf_dual.cli.train_dpo", [*flags, "--ckpt.load_enable"], cwd=tmp_path)
+    assert "Loaded the checkpoint" in out and "consumed_samples: 64" in out
