@@ -71,12 +71,15 @@ def pgd(reward, safety, b, lr=1.0, err=1e-7, max_iters=200, max_loops=10) -> tup
             w = np.exp(logits - top)
             w /= w.sum(axis=1, keepdims=True)
             grad = np.sum(w * g, axis=1).mean()
-            objective = BETA * np.mean(np.log(np.mean(np.exp(logits - top), axis=1)) + top[:, 0]) - lam * grad
-            helpfulness, safety_now = np.sum(w * h, axis=1).mean(), np.sum(w * g, axis=1).mean() + b  # noqa: F841
+            trace = (  # the notebook records these every step: objective, helpfulness, safety
+                BETA * np.mean(np.log(np.mean(np.exp(logits - top), axis=1)) + top[:, 0]) - lam * grad,
+                np.sum(w * h, axis=1).mean(),
+                np.sum(w * g, axis=1).mean() + b,
+            )
             steps += 1
             lam = max(lam - step * grad, 0.0)
-            trajectory.append(lam)
-            if it >= 10 and max(abs(lam - x) for x in trajectory[-6:-1]) < err:
+            trajectory.append((lam, trace))
+            if it >= 10 and max(abs(lam - x) for x, _ in trajectory[-6:-1]) < err:
                 return lam, steps
     return float("nan"), steps
 
