@@ -249,8 +249,14 @@ def run_prepare(cfg: PrepConfig) -> dict:
     Raises PrepError for an infeasible threshold after writing the scores and dual.json."""
     from openrlhf_dual.dual import frontier, plot_frontier, solve_dual
 
+    from openrlhf_dual.scoring import parse_source
+
     if len(cfg.thresholds) != len(cfg.safety):
         raise PrepError(f"{len(cfg.safety)} safety sources but {len(cfg.thresholds)} thresholds")
+    try:  # bad specs fail here, before Ray starts
+        [parse_source(cfg.reward, "reward"), *(parse_source(spec, "safety") for spec in cfg.safety)]
+    except ValueError as err:
+        raise PrepError(str(err)) from err
     out = Path(cfg.prep_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = open_manifest(cfg)

@@ -157,3 +157,11 @@ def test_pairs_from_a_preference_dataset(tiny_model_dir, inputs, tmp_path):
         assert (row["chosen"], row["chosen_reward"], row["chosen_safety"]) == ("good good w1", 2.0, [1.0])
         assert (row["rejected"], row["rejected_reward"], row["rejected_safety"]) == ("bad w2", -1.0, [0.0])
     assert pairs[0]["prompt"].startswith("user : w0 w2")
+
+
+def test_bad_source_spec_fails_before_any_work(tiny_model_dir, inputs, tmp_path):
+    cmd = prepare_cmd(tiny_model_dir, inputs, tmp_path / "prep")
+    cmd[cmd.index(f"file:{inputs / 'safety.py'},sign=+1")] = f"file:{inputs / 'safety.py'}"
+    proc = run(cmd)
+    assert proc.returncode == 2 and "declare sign=+1" in proc.stderr
+    assert not (tmp_path / "prep").exists()
