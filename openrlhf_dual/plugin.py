@@ -6,6 +6,10 @@ Two ways in, same classes:
   `RewardDataset` for the MoCAN ones when `--dual.algo` is given;
 - stock OpenRLHF: `openrlhf_dual.cli.train_dpo` strips `--dual.*` from argv, installs the same
   classes where `openrlhf.cli.train_dpo` imports them from, and runs that module unchanged.
+
+For `train_ppo_ray`, `--dual.prep_dir DIR` alone makes PPO's reward r + lambda*.g: it sets
+`--reward.remote_url` to the prep directory's reward file (openrlhf_dual.ppo_reward) while the
+arguments are parsed, so OpenRLHF's own checks see a remote reward.
 """
 
 from __future__ import annotations
@@ -51,8 +55,41 @@ def data_defaults(prep_dir: str) -> dict[str, str]:
     return {"data.dataset": str(Path(prep_dir) / "pairs.jsonl"), "data.prompt_key": "prompt"}
 
 
+class _PrepDirForPPO(argparse.Action):
+    """`--dual.prep_dir` of train_ppo_ray: also points `--reward.remote_url` at the prep directory's
+    reward file (one flag enables one-shot constrained PPO)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        from openrlhf_dual.ppo_reward import REWARD_FILE
+
+        if getattr(namespace, "reward.remote_url", None) is not None:
+            parser.error("--dual.prep_dir sets the PPO reward to r + lambda*.g: drop --reward.remote_url")
+        setattr(namespace, self.dest, value)
+        setattr(namespace, "reward.remote_url", str(Path(value) / REWARD_FILE))
+
+
+def _ppo_hook(args: SimpleNamespace, cli_globals: dict) -> None:
+    """Write the reward file (for --dual.lambda, one with that lambda) and check nothing replaced it."""
+    prep_dir = args.dual.prep_dir
+    if prep_dir is None:
+        return
+    from openrlhf_dual.ppo_reward import REWARD_FILE, CombinedReward, write_reward_file
+
+    if args.reward.remote_url != [str(Path(prep_dir) / REWARD_FILE)]:
+        raise SystemExit("--dual.prep_dir sets the PPO reward to r + lambda*.g: drop --reward.remote_url")
+    lam = getattr(args.dual, "lambda")
+    CombinedReward.check_prep_dir(prep_dir, lam)
+    args.reward.remote_url = [str(write_reward_file(prep_dir, lam))]
+
+
 def register(cli: str, parser: argparse.ArgumentParser) -> Callable | None:
-    """Entry point for patched OpenRLHF ("openrlhf.cli_plugins"): adds our flags to train_dpo."""
+    """Entry point for patched OpenRLHF ("openrlhf.cli_plugins"): adds our flags to train_dpo
+    (MoCAN/PeCAN) and train_ppo_ray (one-shot constrained PPO)."""
+    if cli == "train_ppo_ray":
+        parser.add_argument("--dual.prep_dir", action=_PrepDirForPPO, default=None,
+                            help="PPO reward = r + lambda*.g of this prep directory (sets --reward.remote_url)")
+        parser.add_argument("--dual.lambda", type=float, nargs="+", default=None, help="override the solved lambda*")
+        return _ppo_hook
     if cli != "train_dpo":
         return None
     add_dual_arguments(parser)

@@ -10,6 +10,7 @@ Writes a prep directory, the contract between stages:
     frontier.json/.png    the one-constraint trade-off curve (m == 1)
     pair_scores.npy       float64 [n, 2, 1 + m]: scores of a preference dataset's pairs, if used
     pairs.jsonl           training pairs with raw scores (openrlhf_dual.pairs)
+    ppo_reward.py         r + lambda*.g for train_ppo_ray's --reward.remote_url (openrlhf_dual.ppo_reward)
 
 Work is sharded by prompts; a shard is finished when its scores file exists (files are written
 atomically), so a rerun resumes from the finished shards and, sampling being seeded per prompt,
@@ -33,6 +34,7 @@ from tqdm import tqdm
 
 from openrlhf_dual.artifacts import read_jsonl, write_json, write_jsonl, write_npy
 from openrlhf_dual.pairs import pair_row, pairs_from_samples
+from openrlhf_dual.ppo_reward import write_reward_file
 
 SHARD = "shard-{:05d}"
 
@@ -288,6 +290,7 @@ def run_prepare(cfg: PrepConfig) -> dict:
             f"(reachable maximum per constraint: {np.asarray(sol.reachable).tolist()}); scores are kept in "
             f"{out}: rerun with a lower --dual.threshold (only the dual is re-solved)"
         )
+    write_reward_file(out)
     if cfg.pairs_dataset:
         rows, dropped = _dataset_pairs(cfg, out, sol.lam), 0
     else:
