@@ -6,6 +6,19 @@ such labels has the population optimum pi_ref * exp(r_lam / beta_dual) / Z = pi_
 Lagrangian maximiser the dual was solved for: at the optimum sigmoid(beta_policy * z) = P, where z
 is the difference of log(pi / pi_ref) between the two responses, so z = (r_lam(c) - r_lam(r)) /
 beta_dual. With beta_policy == beta_dual (the usual case) the label temperature is 1.
+
+PeCAN. The scores are implicit rewards s_r = log pi_r/pi_ref and s_g = log pi_g/pi_ref (nats) of
+policies DPO-aligned with coefficient beta, and the dual (margin form) is solved with r = beta s_r,
+g = beta s_g (prompt-only constants dropped: they cancel in pi_lambda and in every pair), so
+
+    pi_lambda* = pi_ref exp((r + lambda* g) / beta) / Z = pi_ref exp(s_r + lambda* s_g) / Z.
+
+Pairs carry r = beta s_r and g = beta s_g, and the labels above become sigmoid(beta_policy *
+(d s_r + lambda* d s_g)), d = chosen minus rejected. DPO's population optimum with labels
+sigmoid(t * d h) satisfies beta_policy * d log(pi/pi_ref) = t * d h for every pair, i.e.
+pi = pi_ref exp(t h / beta_policy) / Z; with h = s_r + lambda* s_g the scale t = beta_policy makes
+it exactly pi_lambda*, for any beta_policy. (Scaling by beta_dual instead, as one would for
+rewards in reward units, is right only when beta_policy == beta_dual.)
 """
 
 from __future__ import annotations

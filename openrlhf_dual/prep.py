@@ -5,7 +5,8 @@ Writes a prep directory, the contract between stages:
     manifest.json         inputs that fix samples and scores, versions, records, stage status
     prompts.jsonl         {"id", "raw", "prompt"}: raw user prompt and the text pi_ref was given
     samples/shard-*.jsonl per prompt: K responses {"text", "token_ids", "finished"}
-    scores/shard-*.npy    float64 [n, K, 1 + m]: reward, then each safety (signs applied)
+    scores/shard-*.npy    float64 [n, K, 1 + m]: reward, then each safety (signs applied); PeCAN:
+                          implicit rewards log pi_r/pi_ref, then each log pi_g/pi_ref (nats)
     dual.json             the dual solution (lambda*, predictions, standard errors, diagnostics)
     frontier.json/.png    the one-constraint trade-off curve (m == 1)
     pair_scores.npy       float64 [n, 2, 1 + m]: scores of a preference dataset's pairs, if used
@@ -37,6 +38,7 @@ from openrlhf_dual.pairs import pair_row, pairs_from_samples
 from openrlhf_dual.ppo_reward import write_reward_file
 
 SHARD = "shard-{:05d}"
+ALGOS = ("mocan", "pecan")
 
 
 class PrepError(RuntimeError):
@@ -48,10 +50,11 @@ class PrepConfig:
     prep_dir: str
     ref_model: str
     prompt_dataset: str
-    reward: str  # source spec, see openrlhf_dual.scoring.parse_source
+    reward: str  # source spec, see openrlhf_dual.scoring.parse_source (PeCAN: policy:PATH of pi_r)
     safety: tuple[str, ...]
-    thresholds: tuple[float, ...]
+    thresholds: tuple[float, ...]  # MoCAN: E[g_j] >= b_j; PeCAN: margin E[g_j] - E_ref[g_j] >= b_j, g = beta log-ratio
     beta: float = 0.1
+    algo: str = "mocan"
     prompt_split: str = "train"
     input_key: str = "input"
     input_template: str | None = None
@@ -137,64 +140,27 @@ def load_prompts(cfg: PrepConfig, dataset: str, limit: int, extra_keys: tuple[st
     return rows
 
 
-class _ScorerActor:
-    """Holds one scoring source in a Ray actor (models are loaded once per actor)."""
+def _scorer(cfg: PrepConfig):
+    from openrlhf_dual.score_actors import SampleScorer
 
-    def __init__(self, spec: str, role: str, device: str):
-        from openrlhf_dual.scoring import build_scorer, parse_source
-
-        self.spec = parse_source(spec, role=role)
-        self.scorer = build_scorer(self.spec, device=device)
-
-    def score(self, raw_prompts: list[str], prompts: list[str], responses: list[str]) -> np.ndarray:
-        from openrlhf_dual.scoring import ScoreBatch
-
-        return self.scorer.score(ScoreBatch(raw_prompts, prompts, responses))
+    return SampleScorer(cfg.reward, cfg.safety, ref_model=cfg.ref_model, num_actors=cfg.num_actors,
+                        num_gpus_per_actor=cfg.num_gpus_per_actor)  # fmt: skip
 
 
-def _score_shard(actors: list, names: list[str], rows: list[dict], samples: list[list[dict]]) -> np.ndarray:
-    """[n, K, 1 + m] scores of one shard, every source in parallel."""
-    import ray
+def _score(scorer, rows: list[dict], samples: list[list[dict]]) -> np.ndarray:
+    from openrlhf_dual.score_actors import ScoringError
 
-    n, k = len(rows), len(samples[0])
-    raw = [r["raw"] for r in rows for _ in range(k)]
-    prompts = [r["prompt"] for r in rows for _ in range(k)]
-    texts = [s["text"] for per_prompt in samples for s in per_prompt]
-    futures = [a.score.remote(raw, prompts, texts) for a in actors]
-    cols = []
-    for name, future in zip(names, futures):
-        try:
-            col = np.asarray(ray.get(future), dtype=np.float64)
-        except ray.exceptions.RayTaskError as err:
-            raise PrepError(f"scorer {name} failed: {err.cause}") from err
-        if col.shape != (n * k,):
-            raise PrepError(f"scorer {name} returned {col.shape} scores for {n * k} responses")
-        if not np.all(np.isfinite(col)):
-            raise PrepError(f"scorer {name} returned {int(np.sum(~np.isfinite(col)))} non-finite scores")
-        cols.append(col)
-    return np.stack(cols, axis=-1).reshape(n, k, len(actors))
-
-
-def _scorers(cfg: PrepConfig) -> tuple[list, list[str]]:
-    """One Ray actor per source (reward first, then each safety) on the current Ray cluster."""
-    import ray
-    import torch
-
-    if not ray.is_initialized():
-        ray.init()
-    device = "cuda" if torch.cuda.is_available() and cfg.num_gpus_per_actor > 0 else "cpu"
-    sources = [(cfg.reward, "reward")] + [(spec, "safety") for spec in cfg.safety]
-    actor = ray.remote(_ScorerActor).options(num_cpus=0, num_gpus=cfg.num_gpus_per_actor)
-    return [actor.remote(spec, role, device) for spec, role in sources], [spec for spec, _ in sources]
+    try:
+        return scorer(rows, samples)
+    except ScoringError as err:
+        raise PrepError(str(err)) from err
 
 
 def _sample_and_score(cfg: PrepConfig, prompts: list[dict], todo: list[int], out: Path) -> dict:
     """Sample and score every unfinished shard; returns seconds spent {"sample", "score"}."""
-    import ray
-
     from openrlhf_dual.sampling import ReferenceSampler, SamplingConfig
 
-    actors, names = _scorers(cfg)
+    scorer = _scorer(cfg)
     spent = {"sample": 0.0, "score": 0.0}
     sampling = SamplingConfig(
         n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed
@@ -214,32 +180,28 @@ def _sample_and_score(cfg: PrepConfig, prompts: list[dict], todo: list[int], out
                 samples = [[dataclasses.asdict(x) for x in per_prompt] for per_prompt in got]
                 write_jsonl(sample_path, [{"id": r["id"], "responses": x} for r, x in zip(rows, samples)])
             t = time.perf_counter()
-            scores = _score_shard(actors, names, rows, samples)
+            scores = _score(scorer, rows, samples)
             spent["score"] += time.perf_counter() - t
             write_npy(out / "scores" / f"{SHARD.format(s)}.npy", scores)
-    for a in actors:
-        ray.kill(a)
+    scorer.close()
     return spent
 
 
 def _dataset_pairs(cfg: PrepConfig, out: Path, lam: np.ndarray) -> list[dict]:
     """Pairs from a preference dataset's own two responses per prompt (PKU-SafeRLHF's
     response_0/response_1), scored by the same sources; scores kept in pair_scores.npy [n, 2, 1 + m]."""
-    import ray
-
     keys = tuple(cfg.pairs_keys)
     rows = load_prompts(cfg, cfg.pairs_dataset, 10**9, keys)
     path = out / "pair_scores.npy"
     if not path.exists():
-        actors, names = _scorers(cfg)
+        scorer = _scorer(cfg)
         samples = [[{"text": r[k]} for k in keys] for r in rows]
         scores = np.concatenate(
-            [_score_shard(actors, names, rows[i : i + cfg.shard_size], samples[i : i + cfg.shard_size])
+            [_score(scorer, rows[i : i + cfg.shard_size], samples[i : i + cfg.shard_size])
              for i in tqdm(range(0, len(rows), cfg.shard_size), desc="prepare: score dataset pairs")]
         )  # fmt: skip
         write_npy(path, scores)
-        for a in actors:
-            ray.kill(a)
+        scorer.close()
     scores = np.load(path)
     if scores.shape[0] != len(rows):
         raise PrepError(f"{path} holds {scores.shape[0]} scored pairs but {cfg.pairs_dataset} has {len(rows)}")
@@ -256,9 +218,17 @@ def run_prepare(cfg: PrepConfig) -> dict:
     if len(cfg.thresholds) != len(cfg.safety):
         raise PrepError(f"{len(cfg.safety)} safety sources but {len(cfg.thresholds)} thresholds")
     try:  # bad specs fail here, before Ray starts
-        [parse_source(cfg.reward, "reward"), *(parse_source(spec, "safety") for spec in cfg.safety)]
+        specs = [parse_source(cfg.reward, "reward"), *(parse_source(spec, "safety") for spec in cfg.safety)]
     except ValueError as err:
         raise PrepError(str(err)) from err
+    want = "policy" if cfg.algo == "pecan" else None
+    if cfg.algo not in ALGOS or any((s.kind == "policy") != (want == "policy") for s in specs):
+        raise PrepError(
+            "--dual.algo pecan scores with the pre-aligned policies' implicit rewards: give every source as "
+            "policy:PATH; --dual.algo mocan takes reward/cost models (rm, safe_rlhf, remote, file)"
+        )
+    if cfg.algo == "pecan" and cfg.pairs_dataset:
+        raise PrepError("--dual.pairs_dataset is for MoCAN; PeCAN trains on pi_ref's own samples (their exact token ids)")
     out = Path(cfg.prep_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = open_manifest(cfg)
@@ -276,11 +246,12 @@ def run_prepare(cfg: PrepConfig) -> dict:
     manifest["records"]["empty_responses"] = sum(t == "" for per_prompt in texts for t in per_prompt)
     manifest["records"]["unfinished_responses"] = sum(not x["finished"] for p in samples for x in p)
 
-    sol = solve_dual(scores[..., 0], scores[..., 1:], np.asarray(cfg.thresholds), cfg.beta, bootstrap=cfg.bootstrap)
+    form = "margin" if cfg.algo == "pecan" else "model"
+    sol = solve_dual(scores[..., 0], scores[..., 1:], np.asarray(cfg.thresholds), cfg.beta, bootstrap=cfg.bootstrap, form=form)
     solution = sol.to_dict()
     write_json(out / "dual.json", solution)
     if scores.shape[-1] == 2:
-        curve = frontier(scores[..., 0], scores[..., 1], cfg.beta)
+        curve = frontier(scores[..., 0], scores[..., 1], cfg.beta, form=form)
         write_json(out / "frontier.json", curve.to_dict())
         plot_frontier(curve, out / "frontier.png", threshold=cfg.thresholds[0])
     if not sol.feasible:
@@ -290,11 +261,12 @@ def run_prepare(cfg: PrepConfig) -> dict:
             f"(reachable maximum per constraint: {np.asarray(sol.reachable).tolist()}); scores are kept in "
             f"{out}: rerun with a lower --dual.threshold (only the dual is re-solved)"
         )
-    write_reward_file(out)
     if cfg.pairs_dataset:
         rows, dropped = _dataset_pairs(cfg, out, sol.lam), 0
-    else:
-        rows, dropped = pairs_from_samples(prompts, texts, scores, sol.lam)
+    else:  # PeCAN pairs carry beta * log-ratios: reward units, so the trainer labels them as MoCAN's
+        rows, dropped = pairs_from_samples(prompts, texts, scores * (cfg.beta if form == "margin" else 1.0), sol.lam)
+    if form == "model":  # r + lambda*.g for PPO needs text scorers
+        write_reward_file(out)
     write_jsonl(out / "pairs.jsonl", rows)
     manifest["records"]["identical_pairs_dropped"] = dropped
     manifest["stages"] = {

@@ -38,6 +38,11 @@ class Response:
     finished: bool  # ended with EOS (else stopped at max_new_tokens)
 
 
+def prompt_token_ids(tokenizer, prompt: str) -> list[int]:
+    """The ids a policy is given for a prompt text, as OpenRLHF's rollout tokenises it."""
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
 def _response(token_ids: list[int], eos_id: int, tokenizer) -> Response:
     finished = eos_id in token_ids
     if finished:
@@ -68,7 +73,7 @@ class HFGenerator:
         cfg, torch = self.config, self.torch
         out = []
         for prompt, index in zip(prompts, indices):
-            ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
+            ids = torch.tensor([prompt_token_ids(self.tokenizer, prompt)], device=self.device)
             torch.manual_seed(cfg.prompt_seed(index))
             with torch.no_grad():
                 seqs = self.model.generate(
@@ -158,7 +163,7 @@ class ReferenceSampler:
         eos = self.tokenizer.eos_token_id
         futures = []
         for j, (prompt, index) in enumerate(zip(prompts, indices)):
-            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            ids = prompt_token_ids(self.tokenizer, prompt)
             engine = self.actors[j % len(self.actors)]
             futures.append(engine.generate.remote(ids, SamplingParams(**vllm_sampling_kwargs(self.config, index))))
         outs = [ray.get(f) for f in tqdm(futures, desc="vllm sampling", leave=False)]

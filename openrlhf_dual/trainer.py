@@ -37,7 +37,11 @@ class DualConfig:
         path = Path(self.prep_dir) / "dual.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: run `python -m openrlhf_dual.cli.prepare` first")
-        return json.loads(path.read_text())
+        solution = json.loads(path.read_text())
+        made_by = "pecan" if solution.get("form") == "margin" else "mocan"
+        if made_by != self.algo:
+            raise ValueError(f"{self.prep_dir} was prepared with --dual.algo {made_by}; train with --dual.algo {made_by}")
+        return solution
 
     def multiplier(self) -> tuple[np.ndarray, float]:
         """(lambda [m], beta of the dual) for labelling."""

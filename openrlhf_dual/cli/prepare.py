@@ -40,11 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vllm.enforce_eager", action="store_true")
     p.add_argument("--vllm.enable_prefix_caching", action="store_true")
     p.add_argument("--dual.prep_dir", required=True)
+    p.add_argument("--dual.algo", choices=("mocan", "pecan"), default="mocan",
+                   help="pecan: sources are pre-aligned policies (policy:PATH), thresholds are margins over pi_ref")
     p.add_argument("--dual.backend", choices=("hf", "vllm"), default="hf", help="vllm: OpenRLHF's engines (GPU)")
-    p.add_argument("--dual.num_actors", type=int, default=1, help="hf generation actors")
+    p.add_argument("--dual.num_actors", type=int, default=1, help="hf generation actors; PeCAN: log-prob actors per model")
     p.add_argument("--dual.num_gpus_per_actor", type=float, default=0.0, help="per sampler/scorer actor")
     p.add_argument("--dual.shard_size", type=int, default=64, help="prompts per resumable shard")
-    p.add_argument("--dual.reward", required=True, help="KIND:LOCATION[,opts] with KIND rm|safe_rlhf|remote|file")
+    p.add_argument("--dual.reward", required=True, help="KIND:LOCATION[,opts] with KIND rm|safe_rlhf|remote|file|policy")
     p.add_argument("--dual.safety", nargs="+", required=True, help="one spec per constraint; sign=+1|-1 required")
     p.add_argument("--dual.threshold", type=float, nargs="+", required=True, help="b_j: E[g_j] >= b_j")
     p.add_argument("--dual.beta", type=float, default=0.1, help="KL coefficient (use the same in training)")
@@ -86,6 +88,7 @@ def config_from_args(a: dict) -> PrepConfig:
         safety=tuple(a["dual.safety"]),
         thresholds=tuple(a["dual.threshold"]),
         beta=a["dual.beta"],
+        algo=a["dual.algo"],
         bootstrap=a["dual.bootstrap"],
         pairs_dataset=a["dual.pairs_dataset"],
         pairs_keys=tuple(a["dual.pairs_keys"]),

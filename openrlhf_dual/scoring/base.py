@@ -7,7 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
-KINDS = ("rm", "safe_rlhf", "remote", "file")
+KINDS = ("rm", "safe_rlhf", "remote", "file", "policy")
 OPTIONS = {"sign", "batch_size", "max_len", "normalize", "trust_remote_code", "value_head_prefix", "timeout"}
 
 
@@ -36,7 +36,8 @@ class Scorer(Protocol):
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """`KIND:LOCATION[,key=value...]`, e.g. `safe_rlhf:/ckpt/beaver-7b-v1.0-cost,sign=-1`."""
+    """`KIND:LOCATION[,key=value...]`, e.g. `safe_rlhf:/ckpt/beaver-7b-v1.0-cost,sign=-1`. KIND
+    `policy` is a DPO-aligned policy whose implicit reward log pi/pi_ref is the score (PeCAN)."""
 
     kind: str
     location: str
@@ -96,6 +97,11 @@ class _Checked:
 
 def build_scorer(spec: SourceSpec, device: str = "cpu") -> Scorer:
     """The scorer for a spec, with its sign applied and its output checked."""
+    if spec.kind == "policy":
+        raise ValueError(
+            f"{spec.text}: a policy's implicit reward is scored from token ids by log-probs "
+            "(openrlhf_dual.score_actors, prepare --dual.algo pecan), not from text"
+        )
     if spec.kind == "file":
         from openrlhf_dual.scoring.reward_file import RewardFileScorer
 

@@ -1,0 +1,137 @@
+"""PeCAN on the toy world: no reward or safety model, only preference data.
+
+Helpfulness and safety preferences are drawn from Bradley-Terry models of the world's true reward
+and safety, P(y1 > y0) = sigmoid(u(y1) - u(y0)), on pairs of pi_ref's responses, one hard label
+per pair. DPO with coefficient beta on such data has the population optimum pi_ref exp(u / beta),
+so the implicit rewards beta log(pi_r / pi_ref) and beta log(pi_g / pi_ref) are the true reward and
+safety up to prompt-only constants, and the margin E_pi[g] - E_ref[g] >= b is the true-units
+threshold minus the reference's true safety. The report is in true units, like MoCAN's, plus the
+split of the remaining gap between pre-alignment and the rest (sampling, dual, training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from openrlhf_dual.artifacts import write_jsonl
+from openrlhf_dual.demo import world as W
+from openrlhf_dual.demo.steps import build_reference, dpo, exact_optimum, finish, summary
+
+
+def preference_rows(tok, prompts: list[str], ref: W.ExactPolicy, utility: np.ndarray, pairs: int, seed: int) -> list[dict]:
+    """`pairs` Bradley-Terry-labelled pairs of distinct pi_ref responses per prompt, as OpenRLHF
+    DPO rows {prompt, chosen, rejected}. utility [P, 64]: the true reward or safety."""
+    rng = np.random.default_rng(seed)
+    texts, rows = W.responses(), []
+    for i, prompt in enumerate(prompts):
+        head = W.format_prompt(tok, prompt)
+        drawn = 0
+        while drawn < pairs:
+            y0, y1 = rng.choice(len(texts), size=2, p=ref.probs[i])
+            if y0 == y1:
+                continue
+            drawn += 1
+            y1_wins = rng.random() < 1.0 / (1.0 + np.exp(utility[i, y0] - utility[i, y1]))
+            chosen, rejected = (y1, y0) if y1_wins else (y0, y1)
+            rows.append({"prompt": head, "chosen": texts[chosen], "rejected": texts[rejected]})
+    return rows
+
+
+def margin_target(ref: W.ExactPolicy, s_r: np.ndarray, s_g: np.ndarray, margin: float, beta: float):
+    """PeCAN's exact answer for given implicit rewards s_r, s_g [P, 64] (nats): lambda and
+    pi_ref exp(s_r + lambda s_g) / Z meeting E_pi[beta s_g] - E_ref[beta s_g] >= margin."""
+    from openrlhf_dual.dual import solve_dual
+
+    g = beta * (s_g - np.sum(ref.probs * s_g, axis=1, keepdims=True))  # centred on pi_ref, per prompt
+    tilted = beta * s_r + beta * np.log(ref.probs)
+    lam = float(solve_dual(tilted, g, margin, beta).lam[0])
+    logits = s_r + lam * s_g + np.log(ref.probs)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return lam, W.ExactPolicy(probs / probs.sum(axis=1, keepdims=True))
+
+
+def run(a: argparse.Namespace, out: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    from openrlhf_dual.prep import PrepConfig, run_prepare
+
+    t0 = time.time()
+    print(f"[1/5] reference: tiny Llama fitted to the toy world ({a.prompts} prompts, 64 responses each)")
+    ref_dir, prompts = build_reference(out, a.prompts, a.seed)
+    ref = W.exact_policy(ref_dir, prompts)
+    reward, safety = W.score_table(prompts)
+    lam_opt, opt = exact_optimum(ref, reward, safety, a.threshold, a.beta)
+    margin = a.threshold - ref.expect(safety)
+
+    print(f"[2/5] pre-alignment: OpenRLHF DPO on {a.pairs} Bradley-Terry pairs per prompt, helpfulness then safety")
+    tok = AutoTokenizer.from_pretrained(ref_dir)
+    aligned = {}
+    for name, utility, offset in (("pi_r", reward, 1), ("pi_g", safety, 2)):
+        data = out / "data" / f"{name}.jsonl"
+        write_jsonl(data, preference_rows(tok, prompts, ref, utility, a.pairs, a.seed * 10 + offset))
+        aligned[name] = dpo(out, name, "openrlhf.cli.train_dpo", ref_dir, a.beta, a.epochs,
+                            ["--data.dataset", str(data), "--data.prompt_key", "prompt"])  # fmt: skip
+
+    print(f"[3/5] prepare --dual.algo pecan: {a.samples} samples per prompt, log-probs of 3 models, margin {margin:+.3f}")
+    prep = out / "prep"
+    solution = run_prepare(
+        PrepConfig(
+            prep_dir=str(prep), ref_model=str(ref_dir), prompt_dataset=str(out / "data" / "prompts.jsonl"),
+            reward=f"policy:{aligned['pi_r']}", safety=(f"policy:{aligned['pi_g']},sign=+1",), algo="pecan",
+            thresholds=(margin,), beta=a.beta, apply_chat_template=True, max_samples=a.prompts,
+            n_samples=a.samples, max_new_tokens=W.RESPONSE_LEN + 1, seed=a.seed, shard_size=16,
+        )
+    )  # fmt: skip
+    shutil.copy(prep / "frontier.png", out / "frontier.png")
+
+    print(f"[4/5] PeCAN: OpenRLHF DPO trainer on pseudo-preferences, lambda = {solution['lam'][0]:.4f}")
+    ckpt = dpo(out, "pecan", "openrlhf_dual.cli.train_dpo", ref_dir, a.beta, a.epochs,
+               ["--dual.algo", "pecan", "--dual.prep_dir", str(prep)])  # fmt: skip
+
+    print("[5/5] exact evaluation of the pre-aligned and trained policies by enumeration")
+    trained = W.exact_policy(ckpt, prompts)
+    pi_r, pi_g = (W.exact_policy(aligned[n], prompts) for n in ("pi_r", "pi_g"))
+    s_r, s_g = np.log(pi_r.probs / ref.probs), np.log(pi_g.probs / ref.probs)
+    lam_pre, target = margin_target(ref, s_r, s_g, margin, a.beta)
+    pred, sol_ref = solution["predicted"], solution["reference"]
+    ref_true = {"reward": ref.expect(reward), "safety": [ref.expect(safety)]}
+    report = {
+        "algo": "pecan",
+        "threshold": a.threshold,
+        "beta": a.beta,
+        "lambda": solution["lam"],
+        "reference": ref_true,
+        "reachable_safety": [float(np.mean(safety.max(axis=1)))],
+        # margin-form predictions moved to true units by the reference's true values
+        "predicted": {"reward": ref_true["reward"] + pred["reward"] - sol_ref["reward"],
+                      "safety": [ref_true["safety"][0] + pred["safety"][0]], "kl": pred["kl"]},  # fmt: skip
+        "optimum": {"lambda": [lam_opt], **summary(opt, reward, safety, ref)},
+        "achieved": summary(trained, reward, safety, ref),
+        "kl_to_optimum": trained.kl(opt),
+        "kl_ref_to_optimum": ref.kl(opt),
+        "margin": margin,
+        "pre_alignment": {
+            # pi_r, pi_g against their targets pi_ref exp(u / beta): how well DPO recovered the utilities
+            "kl_pi_r_to_target": pi_r.kl(_tilt(ref, reward / a.beta)),
+            "kl_pi_g_to_target": pi_g.kl(_tilt(ref, safety / a.beta)),
+            # PeCAN's exact answer on these implicit rewards: the gap pre-alignment alone leaves
+            "exact_lambda": [lam_pre],
+            "exact_target": summary(target, reward, safety, ref),
+            "kl_exact_target_to_optimum": target.kl(opt),
+            # the rest of the gap: sampling, the sample dual and training, against that answer
+            "kl_trained_to_exact_target": trained.kl(target),
+        },
+    }
+    return finish(out, report, t0, solution["lam"][0])
+
+
+def _tilt(ref: W.ExactPolicy, logits: np.ndarray) -> W.ExactPolicy:
+    """pi_ref exp(logits) / Z, logits [P, 64]."""
+    x = logits + np.log(ref.probs)
+    probs = np.exp(x - x.max(axis=1, keepdims=True))
+    return W.ExactPolicy(probs / probs.sum(axis=1, keepdims=True))

@@ -1,0 +1,134 @@
+"""PeCAN: log-probs on the exact generated tokens, the label scale, and the demo end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+
+from openrlhf_dual.labels import pair_labels
+from openrlhf_dual.launch import cpu_env
+
+
+def generate_with_logps(model_dir, prompt: str, n: int, seed: int):
+    """(prompt ids, K response ids, log-probs from generate's own scores) at temperature 1. Responses
+    are cut after EOS, or else to a prefix of varying length (ragged batches)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), do_sample=True, top_k=0, max_new_tokens=6, num_return_sequences=n,
+                             pad_token_id=tok.eos_token_id, output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    gen = out.sequences[:, len(ids) :]
+    step_logps = torch.stack([torch.log_softmax(s.double(), -1) for s in out.scores], 1)  # [n, T, V]
+    token_logps = step_logps.gather(-1, gen[..., None])[..., 0]
+    responses, logps = [], []
+    for row in range(n):
+        r = gen[row].tolist()
+        end = r.index(tok.eos_token_id) + 1 if tok.eos_token_id in r else 1 + row % len(r)
+        responses.append(r[:end])
+        logps.append(float(token_logps[row, :end].sum()))
+    return ids, responses, np.array(logps), tok
+
+
+def test_sequence_logprobs_match_the_generators_own_scores(tiny_model_dir):
+    from openrlhf_dual.scoring.logprob import SequenceLogProb
+
+    ids, responses, want, _ = generate_with_logps(tiny_model_dir, "user : w1 w2 assistant : ", 12, seed=0)
+    assert len({len(r) for r in responses}) > 1  # ragged: padding is exercised
+    for batch_size in (1, 5, 16):
+        got = SequenceLogProb(str(tiny_model_dir), batch_size=batch_size)([ids] * len(responses), responses)
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_implicit_rewards_use_token_ids_not_text(tiny_model_dir, tmp_path):
+    """SampleScorer (Ray actors, one model each) scores the stored token ids: a response whose
+    text no longer matches its ids (special tokens inside, dropped when decoding) keeps its score."""
+    import ray
+
+    from openrlhf_dual.score_actors import SampleScorer
+    from openrlhf_dual.scoring.logprob import SequenceLogProb
+
+    prompt = "user : w3 w4 assistant : "
+    ids, responses, _, tok = generate_with_logps(tiny_model_dir, prompt, 4, seed=1)
+    responses[0] = responses[0][:1] + [tok.bos_token_id] + responses[0][1:]  # decodes without the BOS
+    texts = [tok.decode(r, skip_special_tokens=True) for r in responses]
+    retok = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert retok[0] != responses[0]  # re-tokenising the text would score other tokens
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        scorer = SampleScorer(f"policy:{tiny_model_dir}", (f"policy:{tiny_model_dir},sign=-1",),
+                              ref_model=str(tiny_model_dir), num_actors=2)  # fmt: skip
+        samples = [[{"text": t, "token_ids": r} for t, r in zip(texts, responses)]]
+        scores = scorer([{"raw": "w3 w4", "prompt": prompt}], samples)
+        scorer.close()
+    finally:
+        ray.shutdown()
+    assert scores.shape == (1, 4, 2)
+    np.testing.assert_allclose(scores, 0.0, atol=1e-5)  # same model: log-ratio 0 on the same ids
+    lp = SequenceLogProb(str(tiny_model_dir))
+    assert abs(lp([ids], [responses[0]])[0] - lp([ids], [retok[0]])[0]) > 1e-3
+
+
+@pytest.mark.parametrize("beta, beta_policy", [(0.1, 0.1), (0.1, 0.3), (0.5, 0.05)])
+def test_pecan_label_scale_makes_pi_lambda_the_dpo_population_optimum(beta, beta_policy):
+    """A world with known answer: 8 responses, pi_ref, implicit rewards s_r, s_g (nats), lambda.
+    Minimising the population soft-label DPO loss over a free tabular policy (an independent
+    optimiser, scipy) lands on pi_lambda = pi_ref exp(s_r + lambda s_g) / Z."""
+    rng = np.random.default_rng(0)
+    k, lam = 8, 0.7
+    ref = rng.dirichlet(np.ones(k))
+    s_r, s_g = rng.normal(size=k), rng.normal(size=k)
+    c, r = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
+    c, r = c.ravel(), r.ravel()
+    # pairs carry reward-unit scores beta * s, as prepare writes them for PeCAN
+    labels = pair_labels(beta * s_r[c], beta * s_g[c][:, None], beta * s_r[r], beta * s_g[r][:, None],
+                         np.array([lam]), beta_dual=beta, beta_policy=beta_policy)  # fmt: skip
+    weight = ref[c] * ref[r]  # pairs drawn from pi_ref x pi_ref
+
+    def loss(theta):
+        logratio = theta - np.log(ref)
+        z = beta_policy * (logratio[c] - logratio[r])
+        return float(np.sum(weight * (labels * np.logaddexp(0, -z) + (1 - labels) * np.logaddexp(0, z))))
+
+    theta = minimize(loss, np.log(ref), method="L-BFGS-B", options={"gtol": 1e-12, "ftol": 1e-15}).x
+    found = np.exp(theta - theta.max())
+    found /= found.sum()
+    target = ref * np.exp(s_r + lam * s_g)
+    target /= target.sum()
+    np.testing.assert_allclose(found, target, atol=1e-5)
+    wrong = ref * np.exp((s_r + lam * s_g) * beta / beta_policy)  # the scale a reward-unit rule gives
+    wrong /= wrong.sum()
+    if beta != beta_policy:
+        assert np.abs(found - wrong).max() > 1e-2
+
+
+@pytest.mark.slow
+def test_pecan_demo_meets_the_constraint_near_the_optimum(tmp_path):
+    out = tmp_path / "pecan"
+    proc = subprocess.run(
+        [sys.executable, "-m", "openrlhf_dual.demo", "--algo", "pecan", "--out", str(out), "--seed", "1",
+         "--dual.threshold", "0.8"],
+        env=cpu_env(), capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    mocan_keys = {"threshold", "beta", "lambda", "reference", "reachable_safety", "predicted", "optimum", "achieved",
+                  "kl_to_optimum", "kl_ref_to_optimum"}  # fmt: skip
+    assert mocan_keys <= set(report) and report["algo"] == "pecan"
+    b, ref = report["threshold"], report["reference"]["safety"][0]
+    assert ref < b < report["reachable_safety"][0]
+    assert report["achieved"]["safety"][0] >= b - 0.2 * (b - ref)
+    assert report["kl_to_optimum"] <= 0.15 * report["kl_ref_to_optimum"]
+    assert abs(report["margin"] - (b - ref)) < 1e-9
+    pre = report["pre_alignment"]
+    assert pre["kl_exact_target_to_optimum"] < report["kl_ref_to_optimum"]
