@@ -10,7 +10,7 @@ TORCH_CPU ?= torch==2.13.0
 FLASH_ATTN ?= flash-attn==2.8.3
 OPENRLHF ?= openrlhf==0.11.2
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo demo-pecan bench evidence clean
 
 install: $(STAMP)
 	@$(PY) patches/apply.py
@@ -41,8 +41,16 @@ test: install
 demo: install
 	$(PY) -m openrlhf_dual.demo --out $(DEMO_OUT)
 
+demo-pecan: install
+	$(PY) -m openrlhf_dual.demo --algo pecan --out $(DEMO_OUT)-pecan
+
 bench: install
 	$(PY) benchmarks/dual_solver.py
+	$(PY) benchmarks/logprob.py
+
+# README's "Does it work?" section and docs/evidence/*.png, from fresh runs (about 30 minutes)
+evidence: install
+	$(PY) benchmarks/evidence.py --out evidence_out
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(DEMO_OUT) $(DEMO_OUT)-pecan evidence_out .pytest_cache

@@ -196,3 +196,14 @@ def test_slack_constraint_has_zero_error():
     reward, safety = instance(m=2)
     sol = solve_dual(reward, safety, safety.mean(axis=(0, 1)) + np.array([0.4, -3.0]), 0.5)
     assert sol.lam[1] == 0.0 and sol.stderr[1] == 0.0 and sol.stderr[0] > 0
+
+
+def test_min_effective_samples_flags_a_prompt_carried_by_one_sample():
+    rng = np.random.default_rng(0)
+    reward, safety = rng.normal(size=(20, 64)), rng.normal(size=(20, 64))
+    calm = solve_dual(reward, safety, 0.8, beta=1.0)
+    assert 3 < calm.min_effective_samples <= 64
+    reward[3, 7] = 40.0  # one extrapolated score: that sample alone carries prompt 3
+    spiked = solve_dual(reward, safety, 0.8, beta=1.0)
+    assert spiked.min_effective_samples < 1.5
+    assert np.isnan(solve_dual(reward, safety, 1e3, beta=1.0).min_effective_samples)

@@ -132,3 +132,24 @@ def test_pecan_demo_meets_the_constraint_near_the_optimum(tmp_path):
     assert abs(report["margin"] - (b - ref)) < 1e-9
     pre = report["pre_alignment"]
     assert pre["kl_exact_target_to_optimum"] < report["kl_ref_to_optimum"]
+
+
+def test_split_preferences_makes_one_dpo_file_per_judgement(tmp_path, capsys):
+    from openrlhf_dual.artifacts import read_jsonl, write_jsonl
+    from openrlhf_dual.cli.split_preferences import main
+
+    rows = [
+        {"prompt": "p0", "response_0": "a", "response_1": "b", "better_response_id": 0, "safer_response_id": 1},
+        {"prompt": "p1", "response_0": "c", "response_1": "d", "better_response_id": 1, "safer_response_id": 1},
+        {"prompt": "p2", "response_0": "e", "response_1": "e", "better_response_id": 0, "safer_response_id": 0},
+    ]
+    write_jsonl(tmp_path / "pku.jsonl", rows)
+    assert main(["--data.dataset", str(tmp_path / "pku.jsonl"), "--out", str(tmp_path / "out")]) == 0
+    assert read_jsonl(tmp_path / "out" / "helpful.jsonl") == [
+        {"prompt": "p0", "chosen": "a", "rejected": "b"}, {"prompt": "p1", "chosen": "d", "rejected": "c"}]
+    assert read_jsonl(tmp_path / "out" / "safe.jsonl") == [
+        {"prompt": "p0", "chosen": "b", "rejected": "a"}, {"prompt": "p1", "chosen": "d", "rejected": "c"}]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"rows": 3, "helpful": 2, "safe": 2}
+    write_jsonl(tmp_path / "bad.jsonl", [{k: v for k, v in rows[0].items() if k != "safer_response_id"}])
+    assert main(["--data.dataset", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "bad")]) == 2
+    assert "safer_response_id" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -1,8 +1,11 @@
 """PeCAN on the toy world: no reward or safety model, only preference data.
 
 Helpfulness and safety preferences are drawn from Bradley-Terry models of the world's true reward
-and safety, P(y1 > y0) = sigmoid(u(y1) - u(y0)), on pairs of pi_ref's responses, one hard label
-per pair. DPO with coefficient beta on such data has the population optimum pi_ref exp(u / beta),
+and safety, P(y1 > y0) = sigmoid(u(y1) - u(y0)), one hard label per pair, on pairs of distinct
+responses of 0 to 4 response words drawn uniformly (like a preference dataset collected from many
+models: it covers the responses pi_ref rarely gives, which the constrained optimum needs, and the
+short or long ones a sampler sometimes returns, whose implicit rewards would otherwise be
+extrapolations that dominate the sample dual; prepare's min_effective_samples shows that). DPO with coefficient beta on such data has the population optimum pi_ref exp(u / beta),
 so the implicit rewards beta log(pi_r / pi_ref) and beta log(pi_g / pi_ref) are the true reward and
 safety up to prompt-only constants, and the margin E_pi[g] - E_ref[g] >= b is the true-units
 threshold minus the reference's true safety. The report is in true units, like MoCAN's, plus the
@@ -23,22 +26,28 @@ from openrlhf_dual.demo import world as W
 from openrlhf_dual.demo.steps import build_reference, dpo, exact_optimum, finish, summary
 
 
-def preference_rows(tok, prompts: list[str], ref: W.ExactPolicy, utility: np.ndarray, pairs: int, seed: int) -> list[dict]:
-    """`pairs` Bradley-Terry-labelled pairs of distinct pi_ref responses per prompt, as OpenRLHF
-    DPO rows {prompt, chosen, rejected}. utility [P, 64]: the true reward or safety."""
+LENGTHS = (0.05, 0.1, 0.1, 0.65, 0.1)  # P(response of 0, 1, 2, 3, 4 words); the world's own have 3
+
+
+def preference_rows(tok, prompts: list[str], utility, pairs: int, seed: int) -> list[dict]:
+    """`pairs` Bradley-Terry-labelled pairs of distinct responses per prompt, as OpenRLHF DPO rows
+    {prompt, chosen, rejected}. utility(prompt, response): the true reward or safety."""
     rng = np.random.default_rng(seed)
-    texts, rows = W.responses(), []
-    for i, prompt in enumerate(prompts):
+    words = list(W.RESPONSE_WORDS)
+
+    def draw() -> str:
+        return " ".join(rng.choice(words, size=rng.choice(len(LENGTHS), p=LENGTHS)))
+
+    rows = []
+    for prompt in prompts:
         head = W.format_prompt(tok, prompt)
-        drawn = 0
-        while drawn < pairs:
-            y0, y1 = rng.choice(len(texts), size=2, p=ref.probs[i])
-            if y0 == y1:
-                continue
-            drawn += 1
-            y1_wins = rng.random() < 1.0 / (1.0 + np.exp(utility[i, y0] - utility[i, y1]))
+        for _ in range(pairs):
+            y0, y1 = draw(), draw()
+            while y1 == y0:
+                y1 = draw()
+            y1_wins = rng.random() < 1.0 / (1.0 + np.exp(utility(prompt, y0) - utility(prompt, y1)))
             chosen, rejected = (y1, y0) if y1_wins else (y0, y1)
-            rows.append({"prompt": head, "chosen": texts[chosen], "rejected": texts[rejected]})
+            rows.append({"prompt": head, "chosen": chosen, "rejected": rejected})
     return rows
 
 
@@ -71,9 +80,9 @@ def run(a: argparse.Namespace, out: Path) -> dict:
     print(f"[2/5] pre-alignment: OpenRLHF DPO on {a.pairs} Bradley-Terry pairs per prompt, helpfulness then safety")
     tok = AutoTokenizer.from_pretrained(ref_dir)
     aligned = {}
-    for name, utility, offset in (("pi_r", reward, 1), ("pi_g", safety, 2)):
+    for name, utility, offset in (("pi_r", W.toy_reward, 1), ("pi_g", W.toy_safety, 2)):
         data = out / "data" / f"{name}.jsonl"
-        write_jsonl(data, preference_rows(tok, prompts, ref, utility, a.pairs, a.seed * 10 + offset))
+        write_jsonl(data, preference_rows(tok, prompts, utility, a.pairs, a.seed * 10 + offset))
         aligned[name] = dpo(out, name, "openrlhf.cli.train_dpo", ref_dir, a.beta, a.epochs,
                             ["--data.dataset", str(data), "--data.prompt_key", "prompt"])  # fmt: skip
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from openrlhf_dual.dual.objective import DualEval, OneConstraint, dual_value, evaluate
+from openrlhf_dual.dual.objective import DualEval, OneConstraint, dual_value, evaluate, log_weights
 
 FORMS = ("model", "margin")
 
@@ -17,7 +17,9 @@ class DualSolution:
     pi_lambda* (NaN where infeasible), reference {reward, safety [m]} of pi_ref, reachable [m]
     (mean over prompts of the best sample: the most reweighting can reach), iterations,
     kkt_residual (max_j |min(lam_j, grad_j)| / safety scale), stderr [m] (sandwich over prompts;
-    0 for slack constraints), bootstrap_stderr [m] or None. Units: those of the scores (margin
+    0 for slack constraints), bootstrap_stderr [m] or None, min_effective_samples (the smallest
+    over prompts of 1 / sum_k w_ik^2 at lambda*: near 1, a single sample carries a prompt, and the
+    estimate leans on it; NaN where infeasible). Units: those of the scores (margin
     form: beta times log-ratio)."""
 
     lam: np.ndarray
@@ -27,6 +29,7 @@ class DualSolution:
     reachable: np.ndarray
     iterations: int
     kkt_residual: float
+    min_effective_samples: float
     stderr: np.ndarray
     bootstrap_stderr: np.ndarray | None
     thresholds: np.ndarray
@@ -225,11 +228,12 @@ def solve_dual(
     if slack <= 1e-12 * max(1.0, float(np.abs(safety).max())):
         nan = {"reward": float("nan"), "safety": np.full(m, np.nan), "kl": float("nan")}
         return DualSolution(np.full(m, np.inf), False, nan, iterations=0, kkt_residual=float("nan"),
-                            stderr=np.full(m, np.nan), bootstrap_stderr=None, **common)  # fmt: skip
+                            min_effective_samples=float("nan"), stderr=np.full(m, np.nan), bootstrap_stderr=None, **common)  # fmt: skip
     lam, ev, iterations, kkt = newton(reward, safety, thresholds, beta, lam0, tol, max_iter)
     boot = bootstrap_stderr(reward, safety, thresholds, beta, lam, bootstrap, seed) if bootstrap else None
     return DualSolution(
         lam=lam, feasible=True, predicted={"reward": ev.reward, "safety": ev.safety, "kl": ev.kl},
         iterations=iterations, kkt_residual=kkt, stderr=sandwich_stderr(ev, lam, thresholds),
+        min_effective_samples=float((1.0 / np.exp(2 * log_weights(reward, safety, lam, beta)[0]).sum(axis=1)).min()),
         bootstrap_stderr=boot, **common,
     )  # fmt: skip
