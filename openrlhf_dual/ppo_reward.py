@@ -69,6 +69,9 @@ class CombinedReward:
             if not path.exists():
                 raise FileNotFoundError(f"{path} not found: run `python -m openrlhf_dual.cli.prepare` first")
         inputs, solution = json.loads(manifest.read_text())["inputs"], json.loads(dual.read_text())
+        if solution.get("form") == "margin":
+            raise ValueError(f"{prep_dir} is a PeCAN prep directory (implicit rewards of policies): the PPO reward "
+                             "needs a MoCAN prep directory, whose sources score text")  # fmt: skip
         lam = solution["lam"] if lam is None else lam
         if lam is None or any(v is None for v in lam):
             raise ValueError(f"{dual} has no finite lambda* (infeasible threshold?); pass --dual.lambda to choose one")
