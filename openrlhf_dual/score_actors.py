@@ -100,7 +100,8 @@ class SampleScorer:
 
         from openrlhf_dual.scoring import parse_source
 
-        if not ray.is_initialized():
+        self.owns_ray = not ray.is_initialized()  # else: the caller's cluster (e.g. `ray job submit`)
+        if self.owns_ray:
             ray.init()
         specs = [parse_source(reward, "reward")] + [parse_source(s, "safety") for s in safety]
         self.implicit = specs[0].kind == "policy"
@@ -136,9 +137,12 @@ class SampleScorer:
         return np.stack(cols, axis=-1).reshape(n, k, len(cols))
 
     def close(self) -> None:
+        """Free the actors; shut Ray down if this scorer started it (close it last)."""
         import ray
 
         for g in getattr(self, "groups", []):
             g.close()
         for a in getattr(self, "actors", []):
             ray.kill(a)
+        if self.owns_ray:
+            ray.shutdown()

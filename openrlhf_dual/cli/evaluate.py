@@ -137,8 +137,8 @@ def evaluate(a: dict) -> dict:
     except ScoringError as err:
         raise PrepError(str(err)) from err
     finally:
-        scorer.close()
         ref_logprob.close()
+        scorer.close()
     report = {"prep_dir": str(prep_dir), "thresholds": solution["thresholds"], "beta": cfg.beta, "margin": margin,
               "n_prompts": len(prompts), "n_samples": cfg.n_samples, "policies": results}  # fmt: skip
     frontier = prep_dir / "frontier.json"

@@ -125,6 +125,13 @@ def exact_policy(model_dir: str | Path, prompts: list[str]) -> ExactPolicy:
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return exact_policy_of(model, tok, prompts)
+
+
+def exact_policy_of(model, tok, prompts: list[str]) -> ExactPolicy:
+    """`exact_policy` for a causal LM already in memory (float32 math, no gradients)."""
+    import torch
+
     resp = responses()
     logps = np.zeros((len(prompts), len(resp)))
     for i, prompt in enumerate(prompts):
