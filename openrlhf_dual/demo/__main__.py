@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--samples", type=int, default=128, help="K reference samples per prompt")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--pairs", type=int, default=64, help="PeCAN: preference pairs per prompt for each pre-alignment")
+    p.add_argument("--pairs", type=int, default=128, help="PeCAN: preference pairs per prompt for each pre-alignment")
     a = p.parse_args(argv)
     out = Path(a.out)
     if out.exists():

@@ -79,10 +79,9 @@ class ExactPolicy:
         return float(np.mean(np.sum(np.where(p > 0, p * (np.log(np.maximum(p, 1e-300)) - np.log(q)), 0.0), axis=1)))
 
 
-def fit_reference(model_dir: str | Path, prompts: list[str], seed: int, steps: int = 400) -> None:
+def fit_reference(model_dir: str | Path, prompts: list[str], seed: int, steps: int = 300) -> None:
     """Fit the tiny LM in `model_dir` (in place) to `reference_word_probs` by maximum likelihood on
-    sampled responses, then save it. The learning rate decays (cosine) so that the mass the LM puts
-    outside the world's responses (EOS too early or too late) becomes small. Seconds on a CPU."""
+    sampled responses, then save it. Seconds on a CPU."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -92,7 +91,6 @@ def fit_reference(model_dir: str | Path, prompts: list[str], seed: int, steps: i
     torch.manual_seed(seed)
     words = list(RESPONSE_WORDS)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=1e-4)
     for _ in range(steps):
         texts, prompt_lens = [], []
         for prompt in rng.choice(prompts, size=64):
@@ -109,7 +107,6 @@ def fit_reference(model_dir: str | Path, prompts: list[str], seed: int, steps: i
         opt.zero_grad()
         loss.backward()
         opt.step()
-        schedule.step()
     model.save_pretrained(model_dir)
 
 
