@@ -19,7 +19,7 @@ LAMBDAS=${LAMBDAS:-"0 0.25 0.5 star 1.5"}
 LAUNCH=${LAUNCH:-"deepspeed --module"}       # CPU: "torchrun --nproc_per_node 2 -m"
 TRAIN_FLAGS=${TRAIN_FLAGS:-"--ds.zero_stage 2 --ds.param_dtype bf16 --ds.load_in_4bit --ds.lora.rank 8 --ds.lora.alpha 16 \
 --train.micro_batch_size 4 --train.batch_size 64 --train.max_epochs 3 --adam.lr 5e-4 --data.max_len 1024"}
-EVAL_FLAGS=${EVAL_FLAGS:-"--dual.backend vllm --dual.num_gpus_per_actor 1"}
+EVAL_FLAGS=${EVAL_FLAGS-"--dual.backend vllm --dual.num_gpus_per_actor 1"}   # set it empty for HF on CPU
 # --------------------------------------------------------------------------------------------
 
 POLICIES=()
