@@ -41,7 +41,8 @@ class SequenceLogProb:
         return out
 
     def _batch(self, prompts: list[list[int]], responses: list[list[int]]) -> np.ndarray:
-        """Right-padded [B, T] forward; the response mask selects each row's own tokens."""
+        """Right-padded [B, T] forward; the response mask selects each row's own tokens. The LM head
+        and log-softmax run only on positions from the shortest prompt on (`logits_to_keep`)."""
         torch = self.torch
         seqs = [p + r for p, r in zip(prompts, responses)]
         width = max(len(s) for s in seqs)
@@ -55,7 +56,11 @@ class SequenceLogProb:
             attn[row, : len(s)] = 1
             resp[row, len(p) : len(s)] = True
         ids, attn, resp = ids.to(self.device), attn.to(self.device), resp.to(self.device)
+        # logits only where they predict a response token: from the shortest prompt's last position on
+        start = min(len(p) for p in prompts) - 1
+        keep = torch.arange(start, width - 1, device=self.device)
         with torch.no_grad():
-            logits = self.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-            token_logps = logits.gather(-1, ids[:, 1:, None])[..., 0] - logits.logsumexp(-1)
-            return (token_logps * resp[:, 1:]).sum(-1).double().cpu().numpy()
+            logits = self.model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits.float()
+            targets = ids[:, start + 1 :]
+            token_logps = logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
+            return (token_logps * resp[:, start + 1 :]).sum(-1).double().cpu().numpy()
