@@ -57,7 +57,7 @@ def policy_report(scores: np.ndarray, ref_scores: np.ndarray, thresholds: np.nda
         "constraints": checked,
         "win_rate": {"reward": win_rate(scores[..., 0], ref_scores[..., 0]),
                      "safety": [win_rate(scores[..., 1 + j], ref_scores[..., 1 + j]) for j in range(m)]},  # fmt: skip
-        "kl": mean_ci(logratio) if logratio is not None else {"mean": 0.0, "lo": 0.0, "hi": 0.0, "se": 0.0},
+        "kl": mean_ci(logratio if logratio is not None else np.zeros(scores.shape[:2])),
     }
     if predicted is not None:
         out["predicted"] = predicted

@@ -290,8 +290,6 @@ PPO_ARGS = ["--actor.model_name_or_path", "m", "--data.prompt_dataset", "d", "--
 
 
 def test_train_ppo_ray_flag_points_the_reward_at_the_prep_dir(prep, monkeypatch):
-    from openrlhf_dual.ppo_reward import reward_func_for  # noqa: F401  (the file imports it)
-
     args = parse_ppo([*PPO_ARGS, "--dual.prep_dir", str(prep)], monkeypatch)
     assert args.reward.remote_url == [str(prep / "ppo_reward.py")]
     assert args.critic.model_name_or_path == "m"  # OpenRLHF's own rule for a remote reward with GAE

@@ -117,23 +117,21 @@ def evaluate(a: dict) -> dict:
                           num_gpus_per_actor=cfg.num_gpus_per_actor)  # fmt: skip
     tok = AutoTokenizer.from_pretrained(cfg.ref_model, trust_remote_code=False)
     ref_logprob = LogProbGroup(cfg.ref_model, cfg.num_actors, cfg.num_gpus_per_actor)
-    results = {}
+    thresholds = np.asarray(solution["thresholds"])
     try:
         ref_samples = sample(cfg, cfg.ref_model, prompts)
         ref_scores = scale * scorer(prompts, ref_samples)
-        for name, path, lam in [("reference", cfg.ref_model, None), *policies]:
-            samples = ref_samples if name == "reference" else sample(cfg, path, prompts)
-            scores = ref_scores if name == "reference" else scale * scorer(prompts, samples)
-            logratio = None
-            if name != "reference":
-                group = LogProbGroup(path, cfg.num_actors, cfg.num_gpus_per_actor)
-                logratio = logprobs(group, tok, prompts, samples) - logprobs(ref_logprob, tok, prompts, samples)
-                group.close()
+        results = {"reference": {**policy_report(ref_scores, ref_scores, thresholds, margin=margin, logratio=None,
+                                                 predicted=None), "path": cfg.ref_model}}  # fmt: skip
+        for name, path, lam in policies:
+            samples = sample(cfg, path, prompts)
+            group = LogProbGroup(path, cfg.num_actors, cfg.num_gpus_per_actor)
+            logratio = logprobs(group, tok, prompts, samples) - logprobs(ref_logprob, tok, prompts, samples)
+            group.close()
             lam = lam if lam is not None else solution["lam"]
-            pred = predictions(prep_dir, cfg, lam, margin) if name != "reference" and None not in lam else None
-            results[name] = policy_report(scores, ref_scores, np.asarray(solution["thresholds"]), margin=margin,
-                                          logratio=logratio, predicted=pred)  # fmt: skip
-            results[name]["path"] = path
+            pred = predictions(prep_dir, cfg, lam, margin) if None not in lam else None
+            results[name] = {**policy_report(scale * scorer(prompts, samples), ref_scores, thresholds, margin=margin,
+                                             logratio=logratio, predicted=pred), "path": path}  # fmt: skip
     except ScoringError as err:
         raise PrepError(str(err)) from err
     finally:

@@ -10,12 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from openrlhf_dual.demo import world as W
-from openrlhf_dual.demo.steps import build_reference, dpo, exact_optimum, finish, summary
+from openrlhf_dual.demo.steps import build_reference, dpo, exact_optimum, finish, prepare, summary
 
 
 def run(a: argparse.Namespace, out: Path) -> dict:
-    from openrlhf_dual.prep import PrepConfig, run_prepare
-
     t0 = time.time()
     print(f"[1/4] reference: tiny Llama fitted to the toy world ({a.prompts} prompts, 64 responses each)")
     ref_dir, prompts = build_reference(out, a.prompts, a.seed)
@@ -25,14 +23,8 @@ def run(a: argparse.Namespace, out: Path) -> dict:
 
     print(f"[2/4] prepare: {a.samples} samples per prompt on a local Ray, scored, dual solved, pairs written")
     prep = out / "prep"
-    solution = run_prepare(
-        PrepConfig(
-            prep_dir=str(prep), ref_model=str(ref_dir), prompt_dataset=str(out / "data" / "prompts.jsonl"),
-            reward=f"file:{out / 'reward.py'}", safety=(f"file:{out / 'safety.py'},sign=+1",),
-            thresholds=(a.threshold,), beta=a.beta, apply_chat_template=True, max_samples=a.prompts,
-            n_samples=a.samples, max_new_tokens=W.RESPONSE_LEN + 1, seed=a.seed, shard_size=16,
-        )
-    )  # fmt: skip
+    solution = prepare(out, ref_dir, f"file:{out / 'reward.py'}", f"file:{out / 'safety.py'},sign=+1", a.threshold,
+                       a.beta, a.prompts, a.samples, a.seed)  # fmt: skip
     shutil.copy(prep / "frontier.png", out / "frontier.png")
 
     print(f"[3/4] MoCAN: OpenRLHF DPO trainer on pseudo-preferences, lambda = {solution['lam'][0]:.4f}")

@@ -5,8 +5,9 @@ and safety, P(y1 > y0) = sigmoid(u(y1) - u(y0)), one hard label per pair, on pai
 responses of 0 to 4 response words drawn uniformly (like a preference dataset collected from many
 models: it covers the responses pi_ref rarely gives, which the constrained optimum needs, and the
 short or long ones a sampler sometimes returns, whose implicit rewards would otherwise be
-extrapolations that dominate the sample dual; prepare's min_effective_samples shows that). DPO with coefficient beta on such data has the population optimum pi_ref exp(u / beta),
-so the implicit rewards beta log(pi_r / pi_ref) and beta log(pi_g / pi_ref) are the true reward and
+extrapolations that dominate the sample dual; prepare's min_effective_samples shows that). DPO
+with coefficient beta on such data has the population optimum pi_ref exp(u / beta), so the
+implicit rewards beta log(pi_r / pi_ref) and beta log(pi_g / pi_ref) are the true reward and
 safety up to prompt-only constants, and the margin E_pi[g] - E_ref[g] >= b is the true-units
 threshold minus the reference's true safety. The report is in true units, like MoCAN's, plus the
 split of the remaining gap between pre-alignment and the rest (sampling, dual, training).
@@ -23,8 +24,7 @@ import numpy as np
 
 from openrlhf_dual.artifacts import write_jsonl
 from openrlhf_dual.demo import world as W
-from openrlhf_dual.demo.steps import build_reference, dpo, exact_optimum, finish, summary
-
+from openrlhf_dual.demo.steps import build_reference, dpo, exact_optimum, finish, prepare, summary, tilt
 
 LENGTHS = (0.05, 0.1, 0.1, 0.65, 0.1)  # P(response of 0, 1, 2, 3, 4 words); the world's own have 3
 
@@ -57,17 +57,12 @@ def margin_target(ref: W.ExactPolicy, s_r: np.ndarray, s_g: np.ndarray, margin: 
     from openrlhf_dual.dual import solve_dual
 
     g = beta * (s_g - np.sum(ref.probs * s_g, axis=1, keepdims=True))  # centred on pi_ref, per prompt
-    tilted = beta * s_r + beta * np.log(ref.probs)
-    lam = float(solve_dual(tilted, g, margin, beta).lam[0])
-    logits = s_r + lam * s_g + np.log(ref.probs)
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return lam, W.ExactPolicy(probs / probs.sum(axis=1, keepdims=True))
+    lam = float(solve_dual(beta * s_r + beta * np.log(ref.probs), g, margin, beta).lam[0])
+    return lam, tilt(ref, s_r + lam * s_g)
 
 
 def run(a: argparse.Namespace, out: Path) -> dict:
     from transformers import AutoTokenizer
-
-    from openrlhf_dual.prep import PrepConfig, run_prepare
 
     t0 = time.time()
     print(f"[1/5] reference: tiny Llama fitted to the toy world ({a.prompts} prompts, 64 responses each)")
@@ -88,14 +83,8 @@ def run(a: argparse.Namespace, out: Path) -> dict:
 
     print(f"[3/5] prepare --dual.algo pecan: {a.samples} samples per prompt, log-probs of 3 models, margin {margin:+.3f}")
     prep = out / "prep"
-    solution = run_prepare(
-        PrepConfig(
-            prep_dir=str(prep), ref_model=str(ref_dir), prompt_dataset=str(out / "data" / "prompts.jsonl"),
-            reward=f"policy:{aligned['pi_r']}", safety=(f"policy:{aligned['pi_g']},sign=+1",), algo="pecan",
-            thresholds=(margin,), beta=a.beta, apply_chat_template=True, max_samples=a.prompts,
-            n_samples=a.samples, max_new_tokens=W.RESPONSE_LEN + 1, seed=a.seed, shard_size=16,
-        )
-    )  # fmt: skip
+    solution = prepare(out, ref_dir, f"policy:{aligned['pi_r']}", f"policy:{aligned['pi_g']},sign=+1", margin, a.beta,
+                       a.prompts, a.samples, a.seed, algo="pecan")  # fmt: skip
     shutil.copy(prep / "frontier.png", out / "frontier.png")
 
     print(f"[4/5] PeCAN: OpenRLHF DPO trainer on pseudo-preferences, lambda = {solution['lam'][0]:.4f}")
@@ -126,8 +115,8 @@ def run(a: argparse.Namespace, out: Path) -> dict:
         "margin": margin,
         "pre_alignment": {
             # pi_r, pi_g against their targets pi_ref exp(u / beta): how well DPO recovered the utilities
-            "kl_pi_r_to_target": pi_r.kl(_tilt(ref, reward / a.beta)),
-            "kl_pi_g_to_target": pi_g.kl(_tilt(ref, safety / a.beta)),
+            "kl_pi_r_to_target": pi_r.kl(tilt(ref, reward / a.beta)),
+            "kl_pi_g_to_target": pi_g.kl(tilt(ref, safety / a.beta)),
             # PeCAN's exact answer on these implicit rewards: the gap pre-alignment alone leaves
             "exact_lambda": [lam_pre],
             "exact_target": summary(target, reward, safety, ref),
@@ -137,10 +126,3 @@ def run(a: argparse.Namespace, out: Path) -> dict:
         },
     }
     return finish(out, report, t0, solution["lam"][0])
-
-
-def _tilt(ref: W.ExactPolicy, logits: np.ndarray) -> W.ExactPolicy:
-    """pi_ref exp(logits) / Z, logits [P, 64]."""
-    x = logits + np.log(ref.probs)
-    probs = np.exp(x - x.max(axis=1, keepdims=True))
-    return W.ExactPolicy(probs / probs.sum(axis=1, keepdims=True))

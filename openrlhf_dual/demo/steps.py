@@ -1,5 +1,6 @@
-"""Steps shared by the MoCAN and PeCAN demos: the fitted reference, DPO runs under torchrun, the
-exact constrained optimum and exact summaries of a policy, the report."""
+"""Steps shared by the MoCAN and PeCAN demos (and benchmarks/primal_dual.py): the fitted reference,
+the dual step, DPO runs under torchrun, the exact constrained optimum and exact summaries of a
+policy, the report."""
 
 from __future__ import annotations
 
@@ -29,16 +30,34 @@ def build_reference(out: Path, n_prompts: int, seed: int) -> tuple[Path, list[st
     return ref_dir, prompts
 
 
+def tilt(ref: W.ExactPolicy, logits: np.ndarray) -> W.ExactPolicy:
+    """pi_ref exp(logits) / Z per prompt; logits [P, 64] in nats."""
+    x = logits + np.log(ref.probs)
+    probs = np.exp(x - x.max(axis=1, keepdims=True))
+    return W.ExactPolicy(probs / probs.sum(axis=1, keepdims=True))
+
+
 def exact_optimum(ref: W.ExactPolicy, reward: np.ndarray, safety: np.ndarray, threshold: float, beta: float):
     """lambda* and pi_lambda* of the world itself (all responses, weighted by pi_ref), via the dual
     core: logmeanexp over responses of (r + beta log pi_ref + lam g) / beta is beta log E_ref[...] + const."""
     from openrlhf_dual.dual import solve_dual
 
-    tilted = reward + beta * np.log(ref.probs)
-    sol = solve_dual(tilted, safety, threshold, beta)
-    logits = (tilted + sol.lam[0] * safety) / beta
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return float(sol.lam[0]), W.ExactPolicy(probs / probs.sum(axis=1, keepdims=True))
+    lam = float(solve_dual(reward + beta * np.log(ref.probs), safety, threshold, beta).lam[0])
+    return lam, tilt(ref, (reward + lam * safety) / beta)
+
+
+def prepare(out: Path, ref_dir: Path, reward: str, safety: str, threshold: float, beta: float, n_prompts: int,
+            n_samples: int, seed: int, algo: str = "mocan") -> dict:  # fmt: skip
+    """The dual step on the world's prompts (out/data/prompts.jsonl) into out/prep; returns dual.json."""
+    from openrlhf_dual.prep import PrepConfig, run_prepare
+
+    return run_prepare(
+        PrepConfig(
+            prep_dir=str(out / "prep"), ref_model=str(ref_dir), prompt_dataset=str(out / "data" / "prompts.jsonl"),
+            reward=reward, safety=(safety,), thresholds=(threshold,), beta=beta, algo=algo, apply_chat_template=True,
+            max_samples=n_prompts, n_samples=n_samples, max_new_tokens=W.RESPONSE_LEN + 1, seed=seed, shard_size=16,
+        )
+    )  # fmt: skip
 
 
 def summary(policy: W.ExactPolicy, reward: np.ndarray, safety: np.ndarray, ref: W.ExactPolicy) -> dict:
