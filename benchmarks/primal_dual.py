@@ -1,77 +1,102 @@
 """CAN against an iterative primal-dual baseline on the toy world, side by side in one run.
 
-    python benchmarks/primal_dual.py [--out benchmarks/out/primal_dual] [--quick]
+    python benchmarks/primal_dual.py [--out benchmarks/out/primal_dual] [--quick] [--iterations N]
 
 CAN: the MoCAN demo pipeline (prepare with K = 128 reference samples per prompt, lambda* from the
-dual, 3 epochs of OpenRLHF's DPO trainer on pseudo-preferences; torchrun, 2 ranks, ZeRO-2).
+dual, 3 epochs of OpenRLHF's DPO trainer on pseudo-preferences; torchrun, 2 ranks, ZeRO-2), with an
+HF checkpoint every few optimizer steps so its trajectory is measured like the baseline's.
 Baseline: Lagrangian policy-gradient in the style of Safe-RLHF's PPO-Lagrangian, on the same
 fitted tiny reference: each iteration samples n responses for every prompt from the current
 policy, rewards r + lambda_t g - beta (log pi - log pi_ref) per sequence, a per-prompt mean
 baseline, PPO-clip updates (sequence-level ratio), then lambda_{t+1} = max(0, lambda_t + eta (b -
 mean g)) from the batch's constraint violation. No critics (fewer models than Safe-RLHF's six).
+Tuning grid: Adam lr {1e-3, 3e-3} x multiplier step eta {0.05, 0.2, 1}, constant lr or OpenRLHF's
+default cosine decay to 0.1 lr over the run (eight settings; the quick run does one).
 
-Both are checked by exact enumeration after every iteration (not counted). Compute counts tokens
-through the policy: forward tokens (generation: prompt prefill + each generated token; log-prob and
-reference passes; training forwards) and backward tokens (training); the dual step's sampling is
-CAN's only rollout. "Reached" = exact E[g] >= b - tol with tol = 0.1 (b - E_ref[g]) (the demo's
-acceptance) AND KL(policy || exact optimum) <= the quality CAN reached, whichever iteration first
-holds both; the constraint alone is reported too.
+Both are evaluated by exact enumeration at every baseline iteration and every CAN checkpoint (not
+counted). Compute counts tokens through the policy: forward tokens (generation: prompt prefill +
+each generated token; log-prob and reference passes; training forwards) and backward tokens
+(training); CAN's dual-step sampling is counted as its rollout, its DPO tokens pro rata to the
+optimizer steps done. Three criteria, each with the first point that meets it and the point from
+which every later one does ("held": a run whose last point misses it has no held point):
+  tolerance: exact E[g] >= b - tol, tol = 0.1 (b - E_ref[g]) (the demo's acceptance);
+  optimum:   tolerance and KL(policy || exact optimum) <= 0.15 KL(ref || optimum) (the demo's);
+  CAN final: tolerance and KL to the optimum <= what CAN's final model reaches.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import re
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from openrlhf_dual.artifacts import read_jsonl, write_json  # noqa: E402
 from openrlhf_dual.demo import world as W  # noqa: E402
-from openrlhf_dual.demo.steps import build_reference, dpo, exact_optimum  # noqa: E402
+from openrlhf_dual.demo.steps import build_reference, dpo, exact_optimum, prepare  # noqa: E402
+
+EPOCHS, PAIRS_PER_STEP = 3, 32  # the demo's DPO run: --train.max_epochs, --train.batch_size
+POINT = ("lambda", "safety", "reward", "kl_to_optimum", "forward_tokens", "backward_tokens")
 
 
-def can(out: Path, seed: int, threshold: float, beta: float) -> dict:
-    """The MoCAN pipeline, timed per stage, with its token counts and exact result."""
+def can(out: Path, seed: int, threshold: float, beta: float, every: int, exact: Callable[[W.ExactPolicy], dict]) -> dict:
+    """The MoCAN pipeline, timed per stage; its trajectory (the reference, then a checkpoint every
+    `every` optimizer steps and the final model) with cumulative token counts and exact results."""
     from transformers import AutoTokenizer
 
-    from openrlhf_dual.prep import PrepConfig, run_prepare
-
-    ref_dir, prompts = build_reference(out, 32, seed)
+    ref_dir = out / "reference"
     t = time.perf_counter()
-    sol = run_prepare(PrepConfig(
-        prep_dir=str(out / "prep"), ref_model=str(ref_dir), prompt_dataset=str(out / "data" / "prompts.jsonl"),
-        reward=f"file:{out / 'reward.py'}", safety=(f"file:{out / 'safety.py'},sign=+1",), thresholds=(threshold,),
-        beta=beta, apply_chat_template=True, max_samples=32, n_samples=128, max_new_tokens=W.RESPONSE_LEN + 1,
-        seed=seed, shard_size=16,
-    ))  # fmt: skip
+    sol = prepare(out, ref_dir, f"file:{out / 'reward.py'}", f"file:{out / 'safety.py'},sign=+1", threshold, beta, 32, 128, seed)
     prep_s = time.perf_counter() - t
-    t = time.perf_counter()
-    ckpt = dpo(out, "mocan", "openrlhf_dual.cli.train_dpo", ref_dir, beta, 3, ["--dual.algo", "mocan", "--dual.prep_dir", str(out / "prep")])
-    train_s = time.perf_counter() - t
+    launched = time.time()
+    steps_dir = out / "steps"
+    extra = ["--dual.algo", "mocan", "--dual.prep_dir", str(out / "prep"), "--ckpt.save_steps", str(every),
+             "--ckpt.save_hf", "--ckpt.disable_ds", "--ckpt.path", str(steps_dir)]  # fmt: skip
+    ckpt = dpo(out, "mocan", "openrlhf_dual.cli.train_dpo", ref_dir, beta, EPOCHS, extra)
+    train_s = time.time() - launched
+    walls = step_walls(out / "tensorboard" / "mocan", launched)
 
     tok = AutoTokenizer.from_pretrained(ref_dir)
     n_tok = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     heads = {p["prompt"]: n_tok(p["prompt"]) for p in read_jsonl(out / "prep" / "prompts.jsonl")}
     samples = [r["responses"] for f in sorted((out / "prep" / "samples").glob("*.jsonl")) for r in read_jsonl(f)]
     gen = sum(heads[p] * 128 + sum(len(s["token_ids"]) for s in per) for p, per in zip(heads, samples))
-    pair_tokens = sum(2 * heads[r["prompt"]] + n_tok(r["chosen"]) + n_tok(r["rejected"]) + 2
-                      for r in read_jsonl(out / "prep" / "pairs.jsonl"))  # fmt: skip
-    ref = W.exact_policy(ref_dir, prompts)
-    reward, safety = W.score_table(prompts)
-    lam_opt, opt = exact_optimum(ref, reward, safety, threshold, beta)
-    trained = W.exact_policy(ckpt, prompts)
-    return {
-        "lambda": sol["lam"][0], "lambda_exact": lam_opt, "safety": trained.expect(safety),
-        "reward": trained.expect(reward), "kl_to_optimum": trained.kl(opt),
-        "sampling_forward_tokens": gen, "update_forward_tokens": 3 * pair_tokens * 2, "update_backward_tokens": 3 * pair_tokens,
-        "prepare_seconds": prep_s, "update_seconds": train_s, "models_live": {"dual step": 3, "training": 2},
-    }  # fmt: skip
+    pairs = list(read_jsonl(out / "prep" / "pairs.jsonl"))
+    pair_tokens = sum(2 * heads[r["prompt"]] + n_tok(r["chosen"]) + n_tok(r["rejected"]) + 2 for r in pairs)
+    per_step = pair_tokens / (len(pairs) // PAIRS_PER_STEP)  # one optimizer step's chosen + rejected tokens
+    points = [(0, ref_dir)] + sorted((int(re.search(r"global_step(\d+)_hf", d.name)[1]), d) for d in steps_dir.glob("global_step*_hf"))
+    last = EPOCHS * (len(pairs) // PAIRS_PER_STEP)
+    if points[-1][0] != last:
+        points.append((last, ckpt))
+    walls[last] = train_s
+    traj = {k: [] for k in (*POINT, "seconds", "step")}
+    prompts = [r["raw"] for r in read_jsonl(out / "prep" / "prompts.jsonl")]
+    for step, path in points:
+        now = exact(W.exact_policy(path, prompts))
+        counts = {"lambda": sol["lam"][0], "forward_tokens": gen + round(2 * per_step * step),
+                  "backward_tokens": round(per_step * step), "seconds": prep_s + (walls[step] if step else 0.0),
+                  "step": step}  # fmt: skip
+        for key, value in {**now, **counts}.items():
+            traj[key].append(value)
+    return {"lambda": sol["lam"][0], "traj": traj, "prepare_seconds": prep_s, "update_seconds": train_s,
+            "models_live": {"dual step": 3, "training": 2}}  # fmt: skip
+
+
+def step_walls(tb_dir: Path, launched: float) -> dict[int, float]:
+    """Seconds from the DPO launch (time.time()) to each optimizer step, from OpenRLHF's TensorBoard log."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run_dir,) = {p.parent for p in tb_dir.rglob("events.out.tfevents*")}
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {e.step: e.wall_time - launched for e in acc.Scalars(acc.Tags()["scalars"][0])}
 
 
 def seq_logps(model, ids: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
@@ -99,19 +124,21 @@ def rollout(policy, tok, prompts: list[str], n: int) -> list[tuple]:
     return out
 
 
-def primal_dual(ref_dir: Path, prompts: list[str], threshold: float, beta: float, lr: float, eta: float,
-                iterations: int, n: int, exact: dict, seed: int) -> dict:  # fmt: skip
-    """The baseline; per-iteration trajectories and cumulative token counts and seconds."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def primal_dual(ref_dir: Path, prompts: list[str], threshold: float, beta: float, lr: float, eta: float, schedule: str,
+                iterations: int, n: int, exact: Callable[[W.ExactPolicy], dict], seed: int) -> dict:  # fmt: skip
+    """The baseline; per-iteration trajectories (exact results, cumulative token counts and seconds).
+    schedule: "constant" or "cosine_with_min_lr" (OpenRLHF's default: cosine to 0.1 lr over the run)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(ref_dir)
     reference = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
     policy = copy.deepcopy(reference).train()
     opt = torch.optim.Adam(policy.parameters(), lr=lr)
-    reward, safety = exact["reward"], exact["safety"]
+    kwargs = {"min_lr": 0.1 * lr} if schedule == "cosine_with_min_lr" else {}
+    sched = get_scheduler(schedule, opt, 0, iterations * 2 * len(prompts), scheduler_specific_kwargs=kwargs)
     lam, fwd, bwd, seconds = 0.0, 0, 0, 0.0
-    traj = {k: [] for k in ("lambda", "safety", "reward", "kl_to_optimum", "forward_tokens", "backward_tokens", "seconds")}
+    traj = {k: [] for k in (*POINT, "seconds")}
     for _ in range(iterations):
         t = time.perf_counter()
         policy.eval()
@@ -134,114 +161,141 @@ def primal_dual(ref_dir: Path, prompts: list[str], threshold: float, beta: float
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                sched.step()
                 fwd, bwd = fwd + int(mask.sum()), bwd + int(mask.sum())
         mean_g = float(torch.cat([row[5] for row in rows]).mean())
         lam = max(0.0, lam + eta * (threshold - mean_g))
         seconds += time.perf_counter() - t
         policy.eval()
-        now = W.exact_policy_of(policy, tok, prompts)
-        for key, value in (("lambda", lam), ("safety", now.expect(safety)), ("reward", now.expect(reward)),
-                           ("kl_to_optimum", now.kl(exact["optimum"])), ("forward_tokens", fwd),
-                           ("backward_tokens", bwd), ("seconds", seconds)):  # fmt: skip
+        now = exact(W.exact_policy_of(policy, tok, prompts))
+        counts = {"lambda": lam, "forward_tokens": fwd, "backward_tokens": bwd, "seconds": seconds}
+        for key, value in {**now, **counts}.items():
             traj[key].append(value)
     return traj
 
 
-def first_reach(traj: dict, floor: float, kl_bound: float | None) -> int | None:
-    """The first iteration (0-based) with exact safety >= floor (and KL to the optimum <= kl_bound)."""
-    for i, (s, kl) in enumerate(zip(traj["safety"], traj["kl_to_optimum"])):
-        if s >= floor and (kl_bound is None or kl <= kl_bound):
-            return i
-    return None
+def reach(traj: dict, ok: Callable[[float, float], bool]) -> tuple[int | None, int | None]:
+    """(first index where ok(safety, kl_to_optimum), first index from which ok holds to the end)."""
+    hits = [ok(s, kl) for s, kl in zip(traj["safety"], traj["kl_to_optimum"])]
+    first = hits.index(True) if any(hits) else None
+    held = next((i for i in range(len(hits)) if all(hits[i:])), None)
+    return first, held
 
 
-def plot(configs: dict, lam_opt: float, threshold: float, path: Path) -> None:
+def plot(can_traj: dict, configs: dict, lam_opt: float, threshold: float, floor: float, path: Path) -> None:
+    """Multiplier, exact E[g] and KL to the optimum against forward tokens, CAN beside the baseline."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4.2), dpi=110)
+    fig = Figure(figsize=(15, 5.2), dpi=110)
     FigureCanvasAgg(fig)
-    ax, ax2 = fig.subplots(1, 2)
+    axes = fig.subplots(1, 3)
+    k = lambda t: [x / 1e3 for x in t["forward_tokens"]]  # noqa: E731
     for name, c in configs.items():
-        ax.plot(c["traj"]["lambda"], label=name)
-        ax2.plot(c["traj"]["safety"], label=name)
-    ax.axhline(lam_opt, color="k", ls="--", label=f"exact lambda* = {lam_opt:.3f} (CAN solves it once)")
-    ax2.axhline(threshold, color="darkorange", ls="--", label=f"threshold b = {threshold}")
-    ax.set_xlabel("primal-dual iteration")
-    ax.set_ylabel("multiplier lambda_t")
-    ax.set_title("Primal-dual multiplier trajectories")
-    ax2.set_xlabel("primal-dual iteration")
-    ax2.set_ylabel("exact E[safety] of the policy")
-    ax2.set_title("Constraint value while training")
-    for a in (ax, ax2):
-        a.legend(fontsize=7, loc="best")
-    fig.tight_layout()
+        for ax, key in zip(axes, ("lambda", "safety", "kl_to_optimum")):
+            ax.plot(k(c["traj"]), c["traj"][key], lw=1, ls="--" if c["schedule"] != "constant" else "-",
+                    label=f"primal-dual {name}")
+    for ax, key in zip(axes, ("lambda", "safety", "kl_to_optimum")):
+        ax.plot(k(can_traj), can_traj[key], "k.-", lw=2, label="CAN (dual step, then DPO)")
+        ax.set_xlabel("policy forward tokens [thousands]")
+    methods = axes[0].get_legend_handles_labels()
+    axes[0].axhline(lam_opt, color="gray", ls=":", label=f"exact lambda* = {lam_opt:.3f}")
+    axes[0].set_ylabel("multiplier lambda")
+    axes[0].set_title("Multiplier: primal-dual iterates it, CAN solves it once")
+    axes[1].axhline(threshold, color="darkorange", ls="--", label=f"threshold b = {threshold}")
+    axes[1].axhline(floor, color="darkorange", ls=":", label=f"tolerance: E[g] >= {floor:.3f}")
+    axes[1].set_ylabel("exact E[safety] of the policy")
+    axes[1].set_title("Constraint value while training")
+    axes[2].set_yscale("log")
+    axes[2].set_ylabel("exact KL(policy || constrained optimum) [nats]")
+    axes[2].set_title("Distance to the constrained optimum")
+    for ax in axes[:2]:  # reference lines only; the methods share one legend below
+        handles, labels = ax.get_legend_handles_labels()
+        ax.legend(handles[len(methods[0]) :], labels[len(methods[0]) :], fontsize=8, loc="upper right")
+    fig.legend(*methods, loc="lower center", ncol=5, fontsize=8)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(str(path))
+
+
+def fmt_reach(traj: dict, at: tuple[int | None, int | None]) -> str:
+    """'first / held' forward tokens in thousands ('-' where never)."""
+    return " / ".join(f"{traj['forward_tokens'][i] / 1e3:.0f}k" if i is not None else "-" for i in at)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/out/primal_dual")
     p.add_argument("--quick", action="store_true", help="one baseline setting, 10 iterations (smoke run)")
-    p.add_argument("--iterations", type=int, default=40)
+    p.add_argument("--iterations", type=int, default=100)
     a = p.parse_args()
     out = Path(a.out).resolve()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     seed, threshold, beta, n = 0, 0.5, 0.5, 8
-    print("CAN: prepare + one MoCAN run (the demo pipeline)", flush=True)
-    c = can(out / "can", seed, threshold, beta)
-    prompts = [r["raw"] for r in read_jsonl(out / "can" / "prep" / "prompts.jsonl")]
-    ref_dir = out / "can" / "reference"
+    ref_dir, prompts = build_reference(out / "can", 32, seed)
     reward, safety = W.score_table(prompts)
     ref = W.exact_policy(ref_dir, prompts)
     lam_opt, opt = exact_optimum(ref, reward, safety, threshold, beta)
-    exact = {"reward": reward, "safety": safety, "optimum": opt}
-    floor = threshold - 0.1 * (threshold - ref.expect(safety))
-    grid = [(3e-3, 1.0)] if a.quick else [(1e-3, 0.2), (1e-3, 1.0), (3e-3, 0.2), (3e-3, 1.0)]
+    exact = lambda pi: {"safety": pi.expect(safety), "reward": pi.expect(reward), "kl_to_optimum": pi.kl(opt)}  # noqa: E731
+    floor, kl_ref = threshold - 0.1 * (threshold - ref.expect(safety)), ref.kl(opt)
+    print("CAN: prepare + one MoCAN run (the demo pipeline)", flush=True)
+    c = can(out / "can", seed, threshold, beta, 3, exact)
+    can_kl = c["traj"]["kl_to_optimum"][-1]
+    criteria = {
+        "tolerance": lambda s, kl: s >= floor,
+        "optimum": lambda s, kl: s >= floor and kl <= 0.15 * kl_ref,
+        "CAN final": lambda s, kl: s >= floor and kl <= can_kl,
+    }
+    cos = "cosine_with_min_lr"
+    grid = [(3e-3, 1.0, cos)] if a.quick else [(1e-3, 0.05, "constant"), (1e-3, 0.2, "constant"), (1e-3, 1.0, "constant"),
+                                               (3e-3, 0.2, "constant"), (3e-3, 1.0, "constant"), (1e-3, 0.05, cos),
+                                               (1e-3, 0.2, cos), (3e-3, 0.2, cos)]  # fmt: skip
     iterations = 10 if a.quick else a.iterations
     configs = {}
-    for lr, eta in grid:
-        name = f"lr {lr:g}, eta {eta:g}"
+    for lr, eta, schedule in grid:
+        name = f"lr {lr:g}, eta {eta:g}" + (", cosine" if schedule == cos else "")
         print(f"primal-dual {name}: {iterations} iterations", flush=True)
-        traj = primal_dual(ref_dir, prompts, threshold, beta, lr, eta, iterations, n, exact, seed)
-        hit = first_reach(traj, floor, c["kl_to_optimum"])
-        configs[name] = {"lr": lr, "eta": eta, "traj": traj, "reach_constraint": first_reach(traj, floor, None),
-                         "reach_quality": hit}  # fmt: skip
-    can_fwd = c["sampling_forward_tokens"] + c["update_forward_tokens"]  # the dual step's sampling included
-    can_s = c["prepare_seconds"] + c["update_seconds"]
-    lines = [f"toy world, seed {seed}, b = {threshold}, beta = {beta}; constraint tolerance E[g] >= {floor:.3f}; "
-             f"quality = also KL(policy || exact optimum) <= {c['kl_to_optimum']:.4f} (CAN's)",
-             f"{'method':24s} {'fwd tokens':>10s} {'bwd tokens':>10s} {'seconds':>8s} {'reached at':>10s} {'E[g]':>7s} "
-             f"{'KL(opt)':>8s} {'lambda':>7s} {'quality at':>10s}",
-             f"{'CAN: dual step + MoCAN':24s} {can_fwd:10d} {c['update_backward_tokens']:10d} {can_s:8.1f} {'once':>10s} "
-             f"{c['safety']:7.3f} {c['kl_to_optimum']:8.4f} {c['lambda']:7.3f} {'once':>10s}"]  # fmt: skip
-    best, summary = None, {"can": c, "baseline": configs, "lambda_exact": lam_opt, "floor": floor}
-    for name, cfg in configs.items():
-        i, q, t = cfg["reach_constraint"], cfg["reach_quality"], cfg["traj"]
-        j = i if i is not None else len(t["safety"]) - 1
-        lines.append(f"{'PD ' + name:24s} {t['forward_tokens'][j]:10d} {t['backward_tokens'][j]:10d} {t['seconds'][j]:8.1f} "
-                     f"{(f'iter {i + 1}' if i is not None else 'not'):>10s} {t['safety'][j]:7.3f} {t['kl_to_optimum'][j]:8.4f} "
-                     f"{t['lambda'][j]:7.3f} {(f'iter {q + 1}' if q is not None else 'not'):>10s}")  # fmt: skip
-        if i is not None and (best is None or t["forward_tokens"][i] < configs[best]["traj"]["forward_tokens"][configs[best]["reach_constraint"]]):
-            best = name
-    lines.append(f"(rows: at the iteration the constraint was reached, else the last; {iterations} iterations max; "
-                 f"exact lambda* = {lam_opt:.4f}, CAN's from samples = {c['lambda']:.4f})")  # fmt: skip
+        traj = primal_dual(ref_dir, prompts, threshold, beta, lr, eta, schedule, iterations, n, exact, seed)
+        configs[name] = {"lr": lr, "eta": eta, "schedule": schedule, "traj": traj, "reach": {k: reach(traj, ok) for k, ok in criteria.items()}}
+    c["reach"] = {k: reach(c["traj"], ok) for k, ok in criteria.items()}
+
+    lines = [f"toy world, seed {seed}, b = {threshold}, beta = {beta}, exact lambda* = {lam_opt:.4f}; forward tokens "
+             f"(thousands) to each criterion, first / held to the end of the run ('-': never):",
+             f"  tolerance: E[g] >= {floor:.3f};  optimum: and KL(pi || opt) <= {0.15 * kl_ref:.3f} (0.15 KL(ref || opt));  "
+             f"CAN final: and KL(pi || opt) <= {can_kl:.4f}",
+             f"{'method':26s} {'tolerance':>15s} {'optimum':>15s} {'CAN final':>15s} {'end: E[g]':>9s} {'KL(opt)':>8s} "
+             f"{'lambda':>6s} {'fwd':>6s} {'bwd':>6s} {'wall s':>7s}"]  # fmt: skip
+    rows = {"CAN (dual step + 3 DPO epochs)": (c, c["prepare_seconds"] + c["update_seconds"])}
+    rows.update({f"PD {name}": (cfg, cfg["traj"]["seconds"][-1]) for name, cfg in configs.items()})
+    for name, (r, wall) in rows.items():
+        t = r["traj"]
+        lines.append(f"{name:26s} " + " ".join(f"{fmt_reach(t, r['reach'][k]):>15s}" for k in criteria)
+                     + f" {t['safety'][-1]:9.3f} {t['kl_to_optimum'][-1]:8.4f} {t['lambda'][-1]:6.3f} "
+                     f"{t['forward_tokens'][-1] / 1e3:5.0f}k {t['backward_tokens'][-1] / 1e3:5.0f}k {wall:7.1f}")  # fmt: skip
+    ct = c["traj"]
+    lines.append(f"CAN wall: prepare {c['prepare_seconds']:.0f} s, DPO launch to step {ct['step'][1]} "
+                 f"{ct['seconds'][1] - c['prepare_seconds']:.0f} s (Ray, torchrun, DeepSpeed start-up), then to the end "
+                 f"(step {ct['step'][-1]}, saved) {ct['seconds'][-1] - ct['seconds'][1]:.0f} s")  # fmt: skip
     lines.append("models live: CAN dual step pi_ref + reward + safety (3), CAN training policy + reference (2); "
                  "baseline policy + reference + reward + safety (4; Safe-RLHF's PPO-Lagrangian: 6 with two critics)")
-    if best is not None:
-        t, i = configs[best]["traj"], configs[best]["reach_constraint"]
-        summary.update(best=best, ratio_forward_tokens=t["forward_tokens"][i] / can_fwd,
-                       ratio_backward_tokens=t["backward_tokens"][i] / c["update_backward_tokens"],
-                       ratio_seconds=t["seconds"][i] / can_s)  # fmt: skip
-        lines.append(f"best baseline to the constraint tolerance ({best}) / CAN: forward tokens "
-                     f"{summary['ratio_forward_tokens']:.2f}x, backward tokens {summary['ratio_backward_tokens']:.2f}x, "
-                     f"wall {summary['ratio_seconds']:.2f}x (CAN's wall: Ray + torchrun + DeepSpeed start-up included)")  # fmt: skip
-    else:
-        most = max(cfg["traj"]["forward_tokens"][-1] for cfg in configs.values())
-        lines.append(f"no baseline setting reached the tolerance in {iterations} iterations ({most / can_fwd:.2f}x CAN's forward tokens spent)")
+    summary = {"can": c, "baseline": configs, "lambda_exact": lam_opt, "floor": floor, "kl_ref_to_optimum": kl_ref, "ratios": {}}
+    for k in criteria:
+        for j, kind in enumerate(("first", "held")):
+            mine = c["reach"][k][j]
+            reached = {n: cfg["reach"][k][j] for n, cfg in configs.items() if cfg["reach"][k][j] is not None}
+            if mine is None:
+                continue
+            if not reached:
+                spent = max(cfg["traj"]["forward_tokens"][-1] for cfg in configs.values()) / c["traj"]["forward_tokens"][mine]
+                lines.append(f"to {k} ({kind}): no baseline setting within {iterations} iterations ({spent:.2f}x CAN's forward tokens spent)")
+                continue
+            best = min(reached, key=lambda n: configs[n]["traj"]["forward_tokens"][reached[n]])
+            ratio = {u: configs[best]["traj"][u][reached[best]] / c["traj"][u][mine] for u in ("forward_tokens", "backward_tokens", "seconds")}
+            summary["ratios"][f"{k} {kind}"] = {"best": best, **ratio}
+            lines.append(f"to {k} ({kind}): best baseline ({best}) / CAN = forward tokens {ratio['forward_tokens']:.2f}x, "
+                         f"backward tokens {ratio['backward_tokens']:.2f}x, wall {ratio['seconds']:.2f}x")  # fmt: skip
     write_json(out / "primal_dual.json", summary)
-    plot(configs, lam_opt, threshold, out / "multiplier.png")
+    plot(c["traj"], configs, lam_opt, threshold, floor, out / "multiplier.png")
     print("\n".join(lines))
     print(f"wrote {out / 'primal_dual.json'} and {out / 'multiplier.png'}")
 
