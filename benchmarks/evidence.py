@@ -52,6 +52,8 @@ def pd_headline(pd: dict) -> str:
             r = ratios[f"{criterion} held"]
             return (f"the best baseline setting ({r['best']}) spent {r['forward_tokens']:.1f}x CAN's forward tokens, "
                     f"{r['backward_tokens']:.1f}x its backward tokens and {r['seconds']:.1f}x its wall time")  # fmt: skip
+        if can["reach"][criterion][1] is None:
+            return "CAN itself did not hold it to the end of its run"
         spent = max(b["traj"]["forward_tokens"][-1] for b in base.values())
         ratio = spent / can["traj"]["forward_tokens"][can["reach"][criterion][1]]
         return f"no baseline setting got there within its run ({ratio:.1f}x CAN's forward tokens)"

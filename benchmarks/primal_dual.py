@@ -40,18 +40,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from openrlhf_dual.artifacts import read_jsonl, write_json  # noqa: E402
 from openrlhf_dual.demo import world as W  # noqa: E402
-from openrlhf_dual.demo.steps import build_reference, dpo, exact_optimum, prepare  # noqa: E402
+from openrlhf_dual.demo.steps import DPO_BATCH, build_reference, dpo, exact_optimum, prepare  # noqa: E402
 
-EPOCHS, PAIRS_PER_STEP = 3, 32  # the demo's DPO run: --train.max_epochs, --train.batch_size
+EPOCHS = 3  # the MoCAN demo's DPO epochs
 POINT = ("lambda", "safety", "reward", "kl_to_optimum", "forward_tokens", "backward_tokens")
 
 
-def can(out: Path, seed: int, threshold: float, beta: float, every: int, exact: Callable[[W.ExactPolicy], dict]) -> dict:
+def can(out: Path, ref_dir: Path, prompts: list[str], seed: int, threshold: float, beta: float, every: int,
+        exact: Callable[[W.ExactPolicy], dict]) -> dict:  # fmt: skip
     """The MoCAN pipeline, timed per stage; its trajectory (the reference, then a checkpoint every
     `every` optimizer steps and the final model) with cumulative token counts and exact results."""
     from transformers import AutoTokenizer
 
-    ref_dir = out / "reference"
     t = time.perf_counter()
     sol = prepare(out, ref_dir, f"file:{out / 'reward.py'}", f"file:{out / 'safety.py'},sign=+1", threshold, beta, 32, 128, seed)
     prep_s = time.perf_counter() - t
@@ -70,14 +70,13 @@ def can(out: Path, seed: int, threshold: float, beta: float, every: int, exact: 
     gen = sum(heads[p] * 128 + sum(len(s["token_ids"]) for s in per) for p, per in zip(heads, samples))
     pairs = list(read_jsonl(out / "prep" / "pairs.jsonl"))
     pair_tokens = sum(2 * heads[r["prompt"]] + n_tok(r["chosen"]) + n_tok(r["rejected"]) + 2 for r in pairs)
-    per_step = pair_tokens / (len(pairs) // PAIRS_PER_STEP)  # one optimizer step's chosen + rejected tokens
+    per_step = pair_tokens / (len(pairs) // DPO_BATCH)  # one optimizer step's chosen + rejected tokens
     points = [(0, ref_dir)] + sorted((int(re.search(r"global_step(\d+)_hf", d.name)[1]), d) for d in steps_dir.glob("global_step*_hf"))
-    last = EPOCHS * (len(pairs) // PAIRS_PER_STEP)
+    last = EPOCHS * (len(pairs) // DPO_BATCH)
     if points[-1][0] != last:
         points.append((last, ckpt))
     walls[last] = train_s
     traj = {k: [] for k in (*POINT, "seconds", "step")}
-    prompts = [r["raw"] for r in read_jsonl(out / "prep" / "prompts.jsonl")]
     for step, path in points:
         now = exact(W.exact_policy(path, prompts))
         counts = {"lambda": sol["lam"][0], "forward_tokens": gen + round(2 * per_step * step),
@@ -239,7 +238,7 @@ def main() -> None:
     exact = lambda pi: {"safety": pi.expect(safety), "reward": pi.expect(reward), "kl_to_optimum": pi.kl(opt)}  # noqa: E731
     floor, kl_ref = threshold - 0.1 * (threshold - ref.expect(safety)), ref.kl(opt)
     print("CAN: prepare + one MoCAN run (the demo pipeline)", flush=True)
-    c = can(out / "can", seed, threshold, beta, 3, exact)
+    c = can(out / "can", ref_dir, prompts, seed, threshold, beta, 3, exact)
     can_kl = c["traj"]["kl_to_optimum"][-1]
     criteria = {
         "tolerance": lambda s, kl: s >= floor,

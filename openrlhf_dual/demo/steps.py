@@ -13,6 +13,8 @@ from openrlhf_dual.artifacts import write_json, write_jsonl
 from openrlhf_dual.demo import world as W
 from openrlhf_dual.launch import torchrun
 
+DPO_BATCH = 32  # pairs per optimizer step in the demos' DPO runs (--train.batch_size)
+
 
 def build_reference(out: Path, n_prompts: int, seed: int) -> tuple[Path, list[str]]:
     """The tiny Llama fitted to the toy world, its prompts (also as data/prompts.jsonl) and the
@@ -72,7 +74,7 @@ def dpo(out: Path, name: str, module: str, ref_dir: Path, beta: float, epochs: i
     args = [
         "--model.model_name_or_path", str(ref_dir), "--model.beta", str(beta),
         "--ds.zero_stage", "2", "--ds.attn_implementation", "eager", "--ds.param_dtype", "bf16",
-        "--train.micro_batch_size", "16", "--train.batch_size", "32", "--train.max_epochs", str(epochs),
+        "--train.micro_batch_size", "16", "--train.batch_size", str(DPO_BATCH), "--train.max_epochs", str(epochs),
         "--adam.lr", "3e-3", "--lr_warmup_ratio", "0.05", "--data.max_len", "64",
         "--ckpt.output_dir", str(ckpt), "--logger.logging_steps", "1",
         "--logger.tensorboard_dir", str(out / "tensorboard" / name), *extra,
