@@ -21,8 +21,9 @@ def cpu_env(**extra: str) -> dict[str, str]:
 
 def torchrun(module: str, args: list[str], *, nproc: int = 2, cwd: str | Path | None = None,
              timeout: float | None = None) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node N -m module args...` with `cpu_env()`; output captured as text."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", module, *args]
+    """`torchrun --standalone --nproc_per_node N -m module args...` with `cpu_env()`; output captured
+    as text. Standalone rendezvous takes a free port, so concurrent runs on one machine do not clash."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", module, *args]
     return subprocess.run(cmd, cwd=cwd, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
 
 
