@@ -73,10 +73,13 @@ def pd_headline(pd: dict) -> str:
 
 
 def section(out: Path, outputs: dict) -> str:
+    from openrlhf_dual.evaluation import markdown
+
     mocan = json.loads((out / "mocan" / "report.json").read_text())
     pecan = json.loads((out / "pecan" / "report.json").read_text())
     pre = pecan["pre_alignment"]
-    sweep_md = (out / "sweep" / "eval" / "report.md").read_text().split("\n", 2)[2]
+    sweep = json.loads((out / "sweep" / "eval" / "report.json").read_text())
+    sweep_md = markdown(sweep, root=ROOT).split("\n", 2)[2]  # paths relative to the repository
     pd = json.loads((out / "primal_dual" / "primal_dual.json").read_text())
     printout = outputs["primal_dual"][outputs["primal_dual"].index("toy world") :].splitlines()
     pd_table = "\n".join(line for line in printout if not line.startswith("wrote "))
