@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from openrlhf_dual.dual.objective import DualEval, OneConstraint, dual_value, evaluate, log_weights
+from openrlhf_dual.dual.uncertainty import bootstrap_stderr, sandwich_stderr
 
 FORMS = ("model", "margin")
 
@@ -216,8 +217,6 @@ def solve_dual(
     g = beta * s_g, handled as the model form on r = beta * s_r, g = beta * (s_g - mean_k s_g):
     centring per prompt leaves each prompt's softmax unchanged and puts the reference term (its
     sample estimate) inside the per-prompt gradient, so standard errors account for it."""
-    from openrlhf_dual.dual.uncertainty import bootstrap_stderr, sandwich_stderr
-
     reward, safety, thresholds = check_inputs(reward, safety, thresholds, beta, form)
     n, k, m = safety.shape
     reference = {"reward": float(reward.mean()), "safety": safety.mean(axis=(0, 1))}
@@ -230,7 +229,13 @@ def solve_dual(
         return DualSolution(np.full(m, np.inf), False, nan, iterations=0, kkt_residual=float("nan"),
                             min_effective_samples=float("nan"), stderr=np.full(m, np.nan), bootstrap_stderr=None, **common)  # fmt: skip
     lam, ev, iterations, kkt = newton(reward, safety, thresholds, beta, lam0, tol, max_iter)
-    boot = bootstrap_stderr(reward, safety, thresholds, beta, lam, bootstrap, seed) if bootstrap else None
+
+    def refit(idx: np.ndarray) -> np.ndarray:  # warm-started at lambda*
+        if joint_slack(safety[idx], thresholds) <= 0:
+            return np.full(m, np.inf)
+        return newton(reward[idx], safety[idx], thresholds, beta, lam0=lam)[0]
+
+    boot = bootstrap_stderr(n, refit, bootstrap, seed) if bootstrap else None
     return DualSolution(
         lam=lam, feasible=True, predicted={"reward": ev.reward, "safety": ev.safety, "kl": ev.kl},
         iterations=iterations, kkt_residual=kkt, stderr=sandwich_stderr(ev, lam, thresholds),

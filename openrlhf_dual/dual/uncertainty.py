@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from openrlhf_dual.dual.objective import DualEval
@@ -23,18 +25,10 @@ def sandwich_stderr(ev: DualEval, lam: np.ndarray, thresholds: np.ndarray) -> np
     return out
 
 
-def bootstrap_stderr(reward, safety, thresholds, beta, lam, n_boot: int, seed: int) -> np.ndarray:
-    """Std of lambda* over n_boot resamples of prompts (with replacement), each warm-started at lam;
-    inf when some resample cannot reach the thresholds (lambda* is then unstable). [m]."""
-    from openrlhf_dual.dual.solver import joint_slack, newton
-
+def bootstrap_stderr(n: int, refit: Callable[[np.ndarray], np.ndarray], n_boot: int, seed: int) -> np.ndarray:
+    """Std of lambda* over n_boot resamples of the n prompts (with replacement): `refit(idx)` ->
+    lambda* [m] on prompts idx (inf when that resample cannot reach the thresholds, which makes
+    the result inf: lambda* is then unstable). [m]."""
     rng = np.random.default_rng(seed)
-    n = reward.shape[0]
-    draws = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
-        if joint_slack(safety[idx], thresholds) <= 0:  # this resample cannot reach the thresholds
-            draws.append(np.full(len(lam), np.inf))
-            continue
-        draws.append(newton(reward[idx], safety[idx], thresholds, beta, lam0=lam)[0])
+    draws = [refit(rng.integers(0, n, n)) for _ in range(n_boot)]
     return np.std(np.array(draws), axis=0, ddof=1)
