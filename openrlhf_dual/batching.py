@@ -20,7 +20,8 @@ import numpy as np
 class MicroBatcher:
     """Calls `fn(*columns) -> [n] or [n, c] array` on batches of up to `max_batch` rows, gathered
     from concurrent `__call__`s for at most `max_wait_s` after the first one arrives. Each call gets
-    its own rows back, or the exception its batch raised."""
+    its own rows back, or its own exception: when a batch fails, each of its requests is retried
+    alone, so one bad request never fails the others it was batched with."""
 
     def __init__(self, fn: Callable[..., np.ndarray], max_batch: int = 64, max_wait_s: float = 0.005):
         if max_batch < 1:
@@ -52,19 +53,32 @@ class MicroBatcher:
             rows += len(item[0][0])
         return items
 
+    def _rows(self, items: list) -> list[np.ndarray]:
+        """fn on the joined columns of these requests, split back per request."""
+        columns = [sum((list(cols[j]) for cols, _ in items), []) for j in range(len(items[0][0]))]
+        out = np.asarray(self.fn(*columns))
+        if out.shape[0] != len(columns[0]):
+            raise RuntimeError(f"batch function returned {out.shape[0]} rows for {len(columns[0])}")
+        cuts = np.cumsum([0] + [len(cols[0]) for cols, _ in items])
+        return [out[lo:hi] for lo, hi in zip(cuts[:-1], cuts[1:])]
+
+    def _alone(self, item) -> None:
+        future = item[1]
+        try:
+            future.set_result(self._rows([item])[0])
+        except BaseException as err:  # anything, even SystemExit from user code: this thread must live
+            future.set_exception(err)
+
     def _run(self) -> None:
         while True:
             items = self._take()
-            columns = [sum((list(cols[j]) for cols, _ in items), []) for j in range(len(items[0][0]))]
             try:
-                out = np.asarray(self.fn(*columns))
-                if out.shape[0] != len(columns[0]):
-                    raise RuntimeError(f"batch function returned {out.shape[0]} rows for {len(columns[0])}")
-            except Exception as err:  # every caller of this batch gets the error
-                for _, future in items:
-                    future.set_exception(err)
+                results = self._rows(items) if len(items) > 1 else None
+            except BaseException:  # some request's content failed the batch: each is scored alone
+                results = None
+            if results is None:
+                for item in items:
+                    self._alone(item)
                 continue
-            start = 0
-            for cols, future in items:
-                future.set_result(out[start : start + len(cols[0])])
-                start += len(cols[0])
+            for (_, future), rows in zip(items, results):
+                future.set_result(rows)

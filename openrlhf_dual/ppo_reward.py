@@ -26,6 +26,23 @@ from openrlhf_dual.labels import combined_reward
 REWARD_FILE = "ppo_reward.py"
 
 
+class QueryError(ValueError):
+    """A query that cannot be scored for its own content; the message names it."""
+
+
+def _name(i: int, query: str) -> str:
+    return f"query {i} ({query[:60]!r}{'...' if len(query) > 60 else ''})"
+
+
+def _not_unicode(text: str) -> int | None:
+    """Index of the first lone surrogate (a str JSON or Python can hold but UTF-8 cannot), or None."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as err:
+        return err.start
+
+
 def split_response(query: str, prompt: str, tokenizer) -> str:
     """The response inside a PPO query, as prepare decoded it (response ids alone, special tokens
     skipped): the text after the prompt's decoded tokens, re-encoded and decoded that way, so EOS,
@@ -91,17 +108,46 @@ class CombinedReward:
         return np.concatenate([combined_reward(cols[:, 0], cols[:, 1:], self.lam)[:, None], cols], axis=1)
 
     def score(self, queries: list[str], prompts: list[str]) -> np.ndarray:
-        """Checked per call (a bad query fails its own call only), then scored in a shared batch."""
+        """Checked per call, then scored in a shared batch. A query that cannot be scored for its
+        own content (not valid Unicode, not starting with its prompt, failing a source, a
+        non-finite total) raises QueryError naming it; other calls in its batch are unaffected."""
         if not all(isinstance(x, str) for x in [*queries, *prompts]):
             raise TypeError("queries and prompts must be lists of strings")
         if len(queries) != len(prompts):
-            raise ValueError(f"{len(queries)} queries but {len(prompts)} prompts")
+            raise QueryError(f"{len(queries)} queries but {len(prompts)} prompts")
         if not queries:
             return np.zeros((0, 2 + self.m))
-        responses = [split_response(q, p, self.tokenizer) for q, p in zip(queries, prompts)]
-        # Scorers with their own conversation template (Safe-RLHF) need the user's text: known for
-        # the prompts prepare saw; other prompts are passed as they are.
-        return self._batcher([self.raw.get(p, p) for p in prompts], list(prompts), responses)
+        for i, (q, p) in enumerate(zip(queries, prompts)):
+            for name, text in (("query", q), ("prompt", p)):
+                bad = _not_unicode(text)
+                if bad is not None:
+                    raise QueryError(f"{_name(i, q)}: its {name} holds {text[bad]!r} at character {bad}, a lone "
+                                     "surrogate (not valid Unicode), which no tokenizer can encode")  # fmt: skip
+        try:
+            out = self._scored(queries, prompts)
+        except QueryError:
+            for i in range(len(queries) if len(queries) > 1 else 0):  # find the query that failed
+                self._scored(queries[i : i + 1], prompts[i : i + 1], first=i)
+            raise
+        bad = np.flatnonzero(~np.isfinite(out[:, 0]))
+        if bad.size:
+            raise QueryError(f"{_name(bad[0], queries[bad[0]])}: r + lambda.g is not finite ({out[bad[0]].tolist()})")
+        return out
+
+    def _scored(self, queries: list[str], prompts: list[str], first: int = 0) -> np.ndarray:
+        """Scores [n, 2 + m]; a content failure raises QueryError (resource errors propagate)."""
+        import torch
+
+        try:
+            responses = [split_response(q, p, self.tokenizer) for q, p in zip(queries, prompts)]
+            # Scorers with their own conversation template (Safe-RLHF) need the user's text: known for
+            # the prompts prepare saw; other prompts are passed as they are.
+            return self._batcher([self.raw.get(p, p) for p in prompts], list(prompts), responses)
+        except (MemoryError, torch.OutOfMemoryError):
+            raise
+        except Exception as err:
+            head = _name(first, queries[0]) if len(queries) == 1 else f"one of queries {first}..{first + len(queries) - 1}"
+            raise QueryError(f"{head} cannot be scored: {type(err).__name__}: {err}") from err
 
     def response(self, scores: np.ndarray) -> dict[str, list]:
         """The reward JSON of OpenRLHF (serve_rm's keys) for scores [n, 2 + m]."""

@@ -5,8 +5,12 @@
 
 POST /get_reward {"query": [str], "prompts": [str], "labels": [...]} -> {"rewards": [float],
 "scores": [float], "extra_logs": {"dual_reward": [float], "dual_safety_<j>": [float]}}. Concurrent
-requests are scored in shared batches; a malformed request gets a 400 with the reason. Binds to
-loopback unless --host says otherwise.
+requests are scored in shared batches; when a batch fails, each of its requests is scored alone, so
+a bad request fails only itself. Every refusal is JSON {"error": reason}: 413 for a body over
+--max_body_bytes, 400 for a body that is not a JSON object of that shape, 422 for a request that
+cannot be scored for its own content (a lone surrogate, a query not starting with its prompt, a
+source failing on it or a non-finite total), 503 only for the server's own faults (out of memory).
+Binds to loopback unless --host says otherwise.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from openrlhf_dual.ppo_reward import CombinedReward
+from openrlhf_dual.ppo_reward import CombinedReward, QueryError
+
+MAX_BODY_BYTES = 16 << 20
 
 
 def _columns(data) -> tuple[list[str], list[str]]:
@@ -34,20 +40,56 @@ def _columns(data) -> tuple[list[str], list[str]]:
     return queries, prompts
 
 
-def build_app(reward: CombinedReward):
+def _error(status: int, reason: str) -> JSONResponse:
+    """{"error": reason}; a reason quoting the request's text may hold lone surrogates, escaped here."""
+    return JSONResponse({"error": reason.encode("utf-8", "backslashreplace").decode()}, status_code=status)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, refused past `limit` bytes before it is read whole (Content-Length or chunked)."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise _TooLarge
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse(body: bytes) -> tuple[list[str], list[str]]:
+    try:
+        return _columns(json.loads(body))
+    except RecursionError:
+        raise ValueError("body is not JSON of the expected shape: nested too deeply") from None
+
+
+def build_app(reward: CombinedReward, max_body_bytes: int = MAX_BODY_BYTES):
     """The FastAPI app: POST /get_reward, GET /health."""
     app = FastAPI()
 
     @app.post("/get_reward")
     async def get_reward(request: Request) -> JSONResponse:
         try:
-            queries, prompts = _columns(json.loads(await request.body()))
-        except ValueError as err:  # json.JSONDecodeError is a ValueError
-            return JSONResponse({"error": str(err)}, status_code=400)
-        try:  # scored in a worker thread, where concurrent requests share batches
+            body = await _body(request, max_body_bytes)
+        except _TooLarge:
+            return _error(413, f"body larger than {max_body_bytes} bytes (--max_body_bytes)")
+        try:  # parsed and scored in worker threads: /health and other requests keep being served
+            queries, prompts = await run_in_threadpool(_parse, body)
+        except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+            return _error(400, str(err))
+        try:  # concurrent requests share batches; a failing one is retried alone
             scores = await run_in_threadpool(reward.score, queries, prompts)
-        except ValueError as err:  # e.g. a query that does not start with its prompt
-            return JSONResponse({"error": str(err)}, status_code=422)
+        except QueryError as err:  # this request's content: not Unicode, no prompt prefix, a source failed on it
+            return _error(422, str(err))
+        except Exception as err:  # the server's fault (e.g. out of memory): say so, stay up
+            return _error(503, f"the server could not score this request now: {type(err).__name__}: {err}")
         return JSONResponse(reward.response(scores))
 
     @app.get("/health")
@@ -65,11 +107,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--batch_size", type=int, default=64, help="most queries scored together")
+    p.add_argument("--max_body_bytes", type=int, default=MAX_BODY_BYTES, help="larger request bodies get 413")
     a = p.parse_args(argv)
     import uvicorn
 
     reward = CombinedReward(a.prep_dir, a.lam, device=a.device, max_batch=a.batch_size)
-    uvicorn.run(build_app(reward), host=a.host, port=a.port, log_level="warning")
+    uvicorn.run(build_app(reward, a.max_body_bytes), host=a.host, port=a.port, log_level="warning")
 
 
 if __name__ == "__main__":
