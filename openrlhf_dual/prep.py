@@ -2,7 +2,8 @@
 
 Writes a prep directory, the contract between stages:
 
-    manifest.json         inputs that fix samples and scores, versions, records, stage status
+    manifest.json         inputs that fix samples and scores, what the reference model and each source
+                          point at (openrlhf_dual.scoring.identity), versions, records, stage status
     prompts.jsonl         {"id", "raw", "prompt"}: raw user prompt and the text pi_ref was given
     samples/shard-*.jsonl per prompt: K responses {"text", "token_ids", "finished"}
     scores/shard-*.npy    float64 [n, K, 1 + m]: reward, then each safety (signs applied); PeCAN:
@@ -16,7 +17,9 @@ Writes a prep directory, the contract between stages:
 Work is sharded by prompts; a shard is finished when its scores file exists (files are written
 atomically), so a rerun resumes from the finished shards and, sampling being seeded per prompt,
 ends with the same bytes as an uninterrupted run. Thresholds and beta are not part of the
-fingerprint: changing them re-solves the dual without re-sampling.
+fingerprint: changing them re-solves the dual without re-sampling. A source that changed since it
+scored (a reward file edited, another checkpoint at the same path) is refused on resume; with
+rescore the samples are kept and every score is made again.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import dataclasses
 import json
 import math
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +43,8 @@ from openrlhf_dual.ppo_reward import write_reward_file
 
 SHARD = "shard-{:05d}"
 ALGOS = ("mocan", "pecan")
+SCORE_INPUTS = ("reward", "safety", "algo", "pairs_dataset", "pairs_keys")  # --dual.rescore may change these
+SCORED = ("pair_scores.npy", "dual.json", "frontier.json", "frontier.png", "pairs.jsonl")  # derived from scores
 
 
 class PrepError(RuntimeError):
@@ -73,10 +79,11 @@ class PrepConfig:
     pairs_dataset: str | None = None  # training pairs from this dataset's responses, not from the samples
     pairs_keys: tuple[str, str] = ("response_0", "response_1")
     vllm: dict = field(default_factory=dict)
+    rescore: bool = False  # score the kept samples again (sources changed), see open_manifest
 
     def fingerprint(self) -> dict:
         """The inputs that determine samples and scores (a rerun must match them)."""
-        keep = {"thresholds", "beta", "bootstrap", "prep_dir", "num_actors", "num_gpus_per_actor", "vllm"}
+        keep = {"thresholds", "beta", "bootstrap", "prep_dir", "num_actors", "num_gpus_per_actor", "vllm", "rescore"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in keep}
 
 
@@ -94,20 +101,73 @@ def _versions() -> dict:
     return out
 
 
+def _identity(cfg: PrepConfig) -> dict:
+    """What the reference model and each source point at (openrlhf_dual.scoring.identity)."""
+    from openrlhf_dual.scoring.identity import IdentityError, setup_identity
+
+    try:
+        return setup_identity(cfg.ref_model, cfg.reward, cfg.safety)
+    except (IdentityError, OSError) as err:
+        raise PrepError(f"cannot tell what a source points at: {err}") from err
+
+
+def _stale_scores(cfg: PrepConfig, fp: dict, manifest: dict, identity: dict) -> list[str]:
+    """Why the scores in a prep directory are not those its sources give now ([] if they are);
+    raises when the samples themselves are not those the inputs would draw."""
+    from openrlhf_dual.scoring.identity import changes
+
+    diff = sorted(k for k in set(fp) | set(manifest["inputs"]) if fp.get(k) != manifest["inputs"].get(k))
+    if any(k not in SCORE_INPUTS for k in diff):
+        raise PrepError(
+            f"{cfg.prep_dir} was prepared from other inputs ({', '.join(diff)} differ); "
+            "use a new --dual.prep_dir rather than mixing samples or scores of two setups"
+        )
+    stale = [f"--dual.{k} differs" for k in diff]
+    old = manifest.get("identity")
+    if old is None:  # written before sources were identified: nothing to compare with
+        print(f"prepare: {cfg.prep_dir} records no source identities (an older version wrote it); "
+              "recording them now", file=sys.stderr)  # fmt: skip
+        return stale
+    ref = changes(old["ref_model"], identity["ref_model"])
+    if ref:
+        raise PrepError(
+            f"the reference model {cfg.ref_model} changed since it drew the samples in {cfg.prep_dir} "
+            f"({'; '.join(ref)}); use a new --dual.prep_dir"
+        )
+    for before, now in zip(old["sources"], identity["sources"]):
+        what = changes(before["identity"], now["identity"]) if before["spec"] == now["spec"] else []
+        if what:
+            stale.append(f"source {now['spec']} changed since it scored ({'; '.join(what)})")
+    return stale
+
+
 def open_manifest(cfg: PrepConfig) -> dict:
-    """Create the manifest, or check that an existing prep directory was made from the same inputs."""
+    """Create the manifest, or check that an existing prep directory was made from the same inputs
+    and scored by the same sources (what they point at, not only their specs). Changed sources or
+    score inputs are refused unless cfg.rescore, which drops every score and what was derived from
+    them and keeps the samples."""
     path = Path(cfg.prep_dir) / "manifest.json"
+    identity = _identity(cfg)
+    for source in identity["sources"]:
+        if source["identity"].get("stated") == "nothing":
+            print(f"prepare: {source['spec']} states no identity: a model swapped behind it cannot be detected",
+                  file=sys.stderr)  # fmt: skip
     fp = json.loads(json.dumps(cfg.fingerprint()))  # tuples -> lists, as stored
-    if path.exists():
-        manifest = json.loads(path.read_text())
-        diff = sorted(k for k in set(fp) | set(manifest["inputs"]) if fp.get(k) != manifest["inputs"].get(k))
-        if diff:
-            raise PrepError(
-                f"{cfg.prep_dir} was prepared from other inputs ({', '.join(diff)} differ); "
-                "use a new --dual.prep_dir rather than mixing samples or scores of two setups"
-            )
+    if not path.exists():
+        manifest = {"inputs": fp, "identity": identity, "versions": _versions(), "records": {}, "stages": {}}
+        write_json(path, manifest)
         return manifest
-    manifest = {"inputs": fp, "versions": _versions(), "records": {}, "stages": {}}
+    manifest = json.loads(path.read_text())
+    stale = _stale_scores(cfg, fp, manifest, identity)
+    if stale and not cfg.rescore:
+        raise PrepError(
+            f"{cfg.prep_dir} holds scores of other sources: {'; '.join(stale)}. Rerun with --dual.rescore to "
+            "score its samples again with the sources as they are now, or restore the sources"
+        )
+    if cfg.rescore:  # scores first, then the manifest: an interruption between leaves no mixed scores
+        for f in [*(Path(cfg.prep_dir) / "scores").glob("*.npy"), *(Path(cfg.prep_dir) / n for n in SCORED)]:
+            f.unlink(missing_ok=True)
+    manifest.update(inputs=fp, identity=identity)
     write_json(path, manifest)
     return manifest
 

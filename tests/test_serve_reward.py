@@ -313,3 +313,18 @@ def test_one_bad_request_never_fails_the_batch_it_joined():
         got = list(pool.map(call, texts))
     assert len(calls[0]) == len(texts)  # they did share one batch
     assert got == [float(i) for i in range(1, 8)] + ["poison"]
+
+
+def test_server_states_what_it_scores_with_for_prepare_to_record(server, prep):
+    """GET /identity: lambda and what the reference model and sources point at; a `remote:` source
+    pointing at this server takes that as its identity (openrlhf_dual.scoring.identity)."""
+    from openrlhf_dual.cli.serve_reward import served_identity
+    from openrlhf_dual.scoring.identity import file_identity, source_identity
+
+    url, _ = server
+    with urllib.request.urlopen(url + "/identity", timeout=30) as r:
+        stated = json.loads(r.read())
+    assert stated == json.loads(json.dumps(served_identity(prep, [LAM])))
+    identity = source_identity(f"remote:{url}/get_reward")
+    assert identity["stated.lambda.0"] == json.dumps(LAM)
+    assert identity["stated.sources.1.identity.sha256"] == json.dumps(file_identity(prep.parent / "safety.py")["sha256"])

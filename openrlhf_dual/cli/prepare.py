@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dual.bootstrap", type=int, default=0, help="bootstrap resamples for lambda's error")
     p.add_argument("--dual.pairs_dataset", default=None, help="train on this dataset's response pairs (else on samples)")
     p.add_argument("--dual.pairs_keys", nargs=2, default=["response_0", "response_1"], help="its two response columns")
+    p.add_argument("--dual.rescore", action="store_true",
+                   help="score a prep directory's samples again: its sources changed (file, checkpoint, server, or "
+                        "--dual.reward/--dual.safety themselves); without it a changed source is refused")
     return p
 
 
@@ -93,6 +96,7 @@ def config_from_args(a: dict) -> PrepConfig:
         pairs_dataset=a["dual.pairs_dataset"],
         pairs_keys=tuple(a["dual.pairs_keys"]),
         vllm=vllm,
+        rescore=a["dual.rescore"],
     )
 
 

@@ -4,7 +4,8 @@
     python -m openrlhf.cli.train_ppo_ray ... --reward.remote_url http://127.0.0.1:5000/get_reward
 
 POST /get_reward {"query": [str], "prompts": [str], "labels": [...]} -> {"rewards": [float],
-"scores": [float], "extra_logs": {"dual_reward": [float], "dual_safety_<j>": [float]}}. Concurrent
+"scores": [float], "extra_logs": {"dual_reward": [float], "dual_safety_<j>": [float]}}. GET /health
+-> {"lambda"}; GET /identity -> what it scores with (`served_identity`). Concurrent
 requests are scored in shared batches; when a batch fails, each of its requests is scored alone, so
 a bad request fails only itself. Every refusal is JSON {"error": reason}: 413 for a body over
 --max_body_bytes, 400 for a body that is not a JSON object of that shape, 422 for a request that
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -70,8 +72,18 @@ def _parse(body: bytes) -> tuple[list[str], list[str]]:
         raise ValueError("body is not JSON of the expected shape: nested too deeply") from None
 
 
-def build_app(reward: CombinedReward, max_body_bytes: int = MAX_BODY_BYTES):
-    """The FastAPI app: POST /get_reward, GET /health."""
+def served_identity(prep_dir: str | Path, lam: list[float]) -> dict:
+    """What this server scores with, for GET /identity: lambda and what the reference model (its
+    tokenizer splits queries) and each source point at (openrlhf_dual.scoring.identity)."""
+    from openrlhf_dual.scoring.identity import setup_identity
+
+    inputs = json.loads((Path(prep_dir) / "manifest.json").read_text())["inputs"]
+    return {"lambda": lam, **setup_identity(inputs["ref_model"], inputs["reward"], inputs["safety"])}
+
+
+def build_app(reward: CombinedReward, max_body_bytes: int = MAX_BODY_BYTES, identity: dict | None = None):
+    """The FastAPI app: POST /get_reward, GET /health, GET /identity (`served_identity`; prepare
+    records it for a `remote:` source pointing here, and notices when it changes)."""
     app = FastAPI()
 
     @app.post("/get_reward")
@@ -96,6 +108,10 @@ def build_app(reward: CombinedReward, max_body_bytes: int = MAX_BODY_BYTES):
     async def health() -> dict:
         return {"lambda": reward.lam.tolist()}
 
+    @app.get("/identity")
+    async def get_identity() -> dict:
+        return identity or {}
+
     return app
 
 
@@ -112,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     reward = CombinedReward(a.prep_dir, a.lam, device=a.device, max_batch=a.batch_size)
-    uvicorn.run(build_app(reward, a.max_body_bytes), host=a.host, port=a.port, log_level="warning")
+    identity = served_identity(a.prep_dir, reward.lam.tolist())
+    uvicorn.run(build_app(reward, a.max_body_bytes, identity), host=a.host, port=a.port, log_level="warning")
 
 
 if __name__ == "__main__":
