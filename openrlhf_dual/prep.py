@@ -37,7 +37,7 @@ from types import SimpleNamespace
 import numpy as np
 from tqdm import tqdm
 
-from openrlhf_dual.artifacts import read_jsonl, write_json, write_jsonl, write_npy
+from openrlhf_dual.artifacts import iter_jsonl, read_jsonl, write_json, write_jsonl, write_npy
 from openrlhf_dual.pairs import pair_row, pairs_from_samples
 from openrlhf_dual.ppo_reward import write_reward_file
 
@@ -268,6 +268,56 @@ def _dataset_pairs(cfg: PrepConfig, out: Path, lam: np.ndarray) -> list[dict]:
     return [pair_row(r["prompt"], r["id"], (r[keys[0]], r[keys[1]]), s, lam) for r, s in zip(rows, scores)]
 
 
+def _load_scores(out: Path, prompts: list[dict], shard_size: int) -> np.ndarray:
+    """Every shard's scores in one float64 [N, K, 1 + m] array, filled a shard at a time; a shard
+    of another shape (another K or m, a torn prep directory) is refused."""
+    paths = [out / "scores" / f"{SHARD.format(s)}.npy" for s in range(math.ceil(len(prompts) / shard_size))]
+    first = np.load(paths[0])
+    scores = np.empty((len(prompts), *first.shape[1:]))
+    for s, path in enumerate(paths):
+        part = first if s == 0 else np.load(path)
+        rows = scores[s * shard_size : (s + 1) * shard_size]
+        if part.shape != rows.shape:
+            raise PrepError(f"{path} holds scores of shape {part.shape}, expected {rows.shape}")
+        rows[:] = part
+    return scores
+
+
+def _read_samples(cfg: PrepConfig, out: Path, prompts: list[dict], scores: np.ndarray, lam: np.ndarray | None) -> dict:
+    """One streaming pass over the sample shards, a prompt's line at a time (each checked against
+    its prompt and scores): the records, and with lam the pairs written to pairs.jsonl as they come
+    (openrlhf_dual.pairs). Returns {"empty_responses", "unfinished_responses",
+    "identical_pairs_dropped", "pairs"}."""
+    counts = dict.fromkeys(("empty_responses", "unfinished_responses", "identical_pairs_dropped", "pairs"), 0)
+    scale = cfg.beta if cfg.algo == "pecan" else 1.0  # PeCAN pairs carry beta * log-ratios: reward units
+
+    def pairs():
+        i = 0
+        for s in range(math.ceil(len(prompts) / cfg.shard_size)):
+            path = out / "samples" / f"{SHARD.format(s)}.jsonl"
+            for row in iter_jsonl(path):
+                if i >= len(prompts) or row["id"] != prompts[i]["id"] or len(row["responses"]) != scores.shape[1]:
+                    raise PrepError(f"{path} does not match prompts.jsonl and the scores at prompt {i}: a torn prep directory?")
+                texts = [x["text"] for x in row["responses"]]
+                counts["empty_responses"] += texts.count("")
+                counts["unfinished_responses"] += sum(not x["finished"] for x in row["responses"])
+                if lam is not None:
+                    rows, dropped = pairs_from_samples([prompts[i]], [texts], scale * scores[i : i + 1], lam)
+                    counts["identical_pairs_dropped"] += dropped
+                    counts["pairs"] += len(rows)
+                    yield from rows
+                i += 1
+        if i != len(prompts):
+            raise PrepError(f"the sample shards hold {i} prompts, prompts.jsonl {len(prompts)}")
+
+    if lam is None:
+        for _ in pairs():
+            pass
+    else:
+        write_jsonl(out / "pairs.jsonl", pairs())
+    return counts
+
+
 def run_prepare(cfg: PrepConfig) -> dict:
     """Run every unfinished stage; returns the dual solution as written to dual.json.
     Raises PrepError for an infeasible threshold after writing the scores and dual.json."""
@@ -300,12 +350,7 @@ def run_prepare(cfg: PrepConfig) -> dict:
     todo = [s for s in range(n_shards) if not (out / "scores" / f"{SHARD.format(s)}.npy").exists()]
     spent = _sample_and_score(cfg, prompts, todo, out) if todo else {"sample": 0.0, "score": 0.0}
 
-    scores = np.concatenate([np.load(out / "scores" / f"{SHARD.format(s)}.npy") for s in range(n_shards)])
-    samples = [r["responses"] for s in range(n_shards) for r in read_jsonl(out / "samples" / f"{SHARD.format(s)}.jsonl")]
-    texts = [[x["text"] for x in per_prompt] for per_prompt in samples]
-    manifest["records"]["empty_responses"] = sum(t == "" for per_prompt in texts for t in per_prompt)
-    manifest["records"]["unfinished_responses"] = sum(not x["finished"] for p in samples for x in p)
-
+    scores = _load_scores(out, prompts, cfg.shard_size)  # the one thing held whole
     form = "margin" if cfg.algo == "pecan" else "model"
     sol = solve_dual(scores[..., 0], scores[..., 1:], np.asarray(cfg.thresholds), cfg.beta, bootstrap=cfg.bootstrap, form=form)
     solution = sol.to_dict()
@@ -314,6 +359,10 @@ def run_prepare(cfg: PrepConfig) -> dict:
         curve = frontier(scores[..., 0], scores[..., 1], cfg.beta, form=form)
         write_json(out / "frontier.json", curve.to_dict())
         plot_frontier(curve, out / "frontier.png", threshold=cfg.thresholds[0])
+    # one pass over the samples, a prompt at a time: records, and the pairs when they come from them
+    records = _read_samples(cfg, out, prompts, scores, sol.lam if sol.feasible and not cfg.pairs_dataset else None)
+    n_pairs = records.pop("pairs")
+    manifest["records"].update(records)
     if not sol.feasible:
         write_json(out / "manifest.json", manifest)
         raise PrepError(
@@ -322,20 +371,18 @@ def run_prepare(cfg: PrepConfig) -> dict:
             f"{out}: rerun with a lower --dual.threshold (only the dual is re-solved)"
         )
     if cfg.pairs_dataset:
-        rows, dropped = _dataset_pairs(cfg, out, sol.lam), 0
-    else:  # PeCAN pairs carry beta * log-ratios: reward units, so the trainer labels them as MoCAN's
-        rows, dropped = pairs_from_samples(prompts, texts, scores * (cfg.beta if form == "margin" else 1.0), sol.lam)
+        rows = _dataset_pairs(cfg, out, sol.lam)
+        write_jsonl(out / "pairs.jsonl", rows)
+        n_pairs = len(rows)
     if form == "model":  # r + lambda*.g for PPO needs text scorers
         write_reward_file(out)
-    write_jsonl(out / "pairs.jsonl", rows)
-    manifest["records"]["identical_pairs_dropped"] = dropped
     manifest["stages"] = {
         "shards": n_shards,
         "shards_this_run": len(todo),
         "sample_seconds": spent["sample"],
         "score_seconds": spent["score"],
         "total_seconds": time.perf_counter() - t0,
-        "pairs": len(rows),
+        "pairs": n_pairs,
         "thresholds": list(cfg.thresholds),
         "beta": cfg.beta,
     }
