@@ -79,11 +79,11 @@ def measure(cfg: dict) -> None:
     from openrlhf_dual.prep import PrepConfig, run_prepare
 
     cfg = PrepConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     sol = run_prepare(cfg)
-    seconds = time.perf_counter() - t
+    seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
     peak = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak / 1024, "lam": sol["lam"]}))
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": peak / 1024, "lam": sol["lam"]}))
 
 
 def main() -> None:
@@ -121,16 +121,18 @@ def main() -> None:
                 sys.exit(f"N={n}: prepare failed:\n{proc.stderr[-3000:]}")
             got = json.loads(proc.stdout.strip().splitlines()[-1])
             pairs = (root / "prep" / "pairs.jsonl").stat().st_size
-            rows.append((n, got["seconds"], got["peak_rss_mb"], on_disk / 1e9, pairs / 1e9))
-            print(f"N={n}: wrote {on_disk / 1e9:.2f} GB of shards in {wrote:.0f} s; prepare {got['seconds']:.1f} s, "
+            rows.append((n, got["seconds"], got["cpu_seconds"], got["peak_rss_mb"], on_disk / 1e9))
+            print(f"N={n}: wrote {on_disk / 1e9:.2f} GB of shards in {wrote:.0f} s; prepare {got['seconds']:.1f} s "
+                  f"({got['cpu_seconds']:.1f} s CPU), "
                   f"peak RSS {got['peak_rss_mb']:.0f} MB, pairs.jsonl {pairs / 1e9:.2f} GB", flush=True)  # fmt: skip
             shutil.rmtree(root)
     print(f"\nprepare after sampling, K = {a.samples} responses of {a.tokens} token ids per prompt, "
           f"one fresh process per size (scores array: N x K x 2 float64):")  # fmt: skip
-    print(f"{'N prompts':>10} {'shards GB':>10} {'seconds':>8} {'s / 1k N':>9} {'peak RSS MB':>12} {'scores MB':>10}")
-    for n, sec, rss, disk, _ in rows:
-        print(f"{n:>10} {disk:>10.2f} {sec:>8.1f} {1000 * sec / n:>9.2f} {rss:>12.0f} {n * a.samples * 2 * 8 / 1e6:>10.1f}")
-    n, _, rss, _, _ = rows[-1]
+    print("(wall time depends on what else runs on the machine; CPU time of the prepare process does not)")
+    print(f"{'N prompts':>10} {'shards GB':>10} {'wall s':>8} {'CPU s':>8} {'CPU s / 1k N':>13} {'peak RSS MB':>12} {'scores MB':>10}")
+    for n, sec, cpu, rss, disk in rows:
+        print(f"{n:>10} {disk:>10.2f} {sec:>8.1f} {cpu:>8.1f} {1000 * cpu / n:>13.2f} {rss:>12.0f} {n * a.samples * 2 * 8 / 1e6:>10.1f}")
+    n, _, _, rss, _ = rows[-1]
     print(f"largest size: N = {n} prompts x K = {a.samples} x {a.tokens} tokens: peak RSS {rss:.0f} MB "
           f"({'within' if rss <= 2048 else 'OVER'} the 2 GB target)")
 

@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dual.pairs_dataset", default=None, help="train on this dataset's response pairs (else on samples)")
     p.add_argument("--dual.pairs_keys", nargs=2, default=["response_0", "response_1"], help="its two response columns")
     p.add_argument("--dual.rescore", action="store_true",
-                   help="score a prep directory's samples again: its sources changed (file, checkpoint, server, or "
-                        "--dual.reward/--dual.safety themselves); without it a changed source is refused")
+                   help="drop a prep directory's scores and score its samples again, after a source changed (file, "
+                        "checkpoint, server, or --dual.reward/--dual.safety); give it once, a rerun without it "
+                        "resumes. Without it a changed source is refused")
     return p
 
 

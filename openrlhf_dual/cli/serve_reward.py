@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 from starlette.concurrency import run_in_threadpool
 
 from openrlhf_dual.ppo_reward import CombinedReward, QueryError
@@ -92,6 +94,8 @@ def build_app(reward: CombinedReward, max_body_bytes: int = MAX_BODY_BYTES, iden
             body = await _body(request, max_body_bytes)
         except _TooLarge:
             return _error(413, f"body larger than {max_body_bytes} bytes (--max_body_bytes)")
+        except ClientDisconnect:  # gone before its body arrived: nobody to answer, nothing to log
+            return _error(400, "client disconnected before the body arrived")
         try:  # parsed and scored in worker threads: /health and other requests keep being served
             queries, prompts = await run_in_threadpool(_parse, body)
         except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -100,8 +104,10 @@ def build_app(reward: CombinedReward, max_body_bytes: int = MAX_BODY_BYTES, iden
             scores = await run_in_threadpool(reward.score, queries, prompts)
         except QueryError as err:  # this request's content: not Unicode, no prompt prefix, a source failed on it
             return _error(422, str(err))
-        except Exception as err:  # the server's fault (e.g. out of memory): say so, stay up
-            return _error(503, f"the server could not score this request now: {type(err).__name__}: {err}")
+        except Exception as err:  # the server's fault (e.g. out of memory): say so, log it, stay up
+            reason = f"the server could not score this request now: {type(err).__name__}: {err}"
+            logging.getLogger("uvicorn.error").warning(reason)
+            return _error(503, reason)
         return JSONResponse(reward.response(scores))
 
     @app.get("/health")
