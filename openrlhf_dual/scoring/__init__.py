@@ -1,5 +1,9 @@
-"""Adapters that turn score sources into float64 arrays; one module per source kind."""
+"""Adapters that turn score sources into float64 arrays; one module per source kind.
 
-from openrlhf_dual.scoring.base import ScoreBatch, Scorer, SourceSpec, build_scorer, parse_source
+batch.py: what a scorer takes and returns; registry.py: source specs and which module scores each
+kind. The kind modules import batch.py only, so nothing here imports in a circle."""
+
+from openrlhf_dual.scoring.batch import ScoreBatch, Scorer
+from openrlhf_dual.scoring.registry import SourceSpec, build_scorer, parse_source
 
 __all__ = ["ScoreBatch", "Scorer", "SourceSpec", "build_scorer", "parse_source"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from openrlhf_dual.scoring.base import ScoreBatch
+from openrlhf_dual.scoring.batch import ScoreBatch
 from openrlhf_dual.scoring.checkpoint import read_config, weight_names
 
 

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from openrlhf_dual.scoring.base import ScoreBatch
+from openrlhf_dual.scoring.batch import ScoreBatch
 from openrlhf_dual.scoring.checkpoint import load_weights, read_config
 
 PROMPT = "BEGINNING OF CONVERSATION: USER: {} ASSISTANT:"

@@ -1,43 +1,22 @@
-"""Score sources: what a spec string means, and the checks every source's scores go through."""
+"""Score sources by name: what a spec string means, which module scores each kind, and the checks
+every source's scores go through."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
+
+from openrlhf_dual.scoring.batch import ScoreBatch, Scorer
 
 KINDS = ("rm", "safe_rlhf", "remote", "file", "policy")
 OPTIONS = {"sign", "batch_size", "max_len", "normalize", "trust_remote_code", "value_head_prefix", "timeout"}
 
 
 @dataclass(frozen=True)
-class ScoreBatch:
-    """n (prompt, response) pairs. raw_prompts: the user's text (for scorers with their own
-    conversation template); prompts: the exact text the policy was given; responses: generated text."""
-
-    raw_prompts: list[str]
-    prompts: list[str]
-    responses: list[str]
-
-    @property
-    def queries(self) -> list[str]:
-        """prompt + response, as OpenRLHF's PPO sends them to reward models and reward functions."""
-        return [p + r for p, r in zip(self.prompts, self.responses)]
-
-    def __len__(self) -> int:
-        return len(self.responses)
-
-
-class Scorer(Protocol):
-    def score(self, batch: ScoreBatch) -> np.ndarray:
-        """float64 [n]."""
-
-
-@dataclass(frozen=True)
 class SourceSpec:
-    """`KIND:LOCATION[,key=value...]`, e.g. `safe_rlhf:/ckpt/beaver-7b-v1.0-cost,sign=-1`. KIND
-    `policy` is a DPO-aligned policy whose implicit reward log pi/pi_ref is the score (PeCAN)."""
+    """`KIND:LOCATION[,key=value...]`, e.g. `safe_rlhf:/ckpt/beaver-7b-v1.0-cost,sign=-1`. KIND `policy` is a DPO-aligned
+    policy whose implicit reward log pi/pi_ref is the score (PeCAN)."""
 
     kind: str
     location: str
