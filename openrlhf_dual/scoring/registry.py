@@ -10,7 +10,7 @@ import numpy as np
 from openrlhf_dual.scoring.batch import ScoreBatch, Scorer
 
 KINDS = ("rm", "safe_rlhf", "remote", "file", "policy")
-OPTIONS = {"sign", "batch_size", "max_len", "normalize", "trust_remote_code", "value_head_prefix", "timeout"}
+OPTIONS = {"sign", "batch_size", "max_len", "normalize", "trust_remote_code", "value_head_prefix", "timeout", "dtype"}
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,16 @@ class SourceSpec:
         if value is None:
             return default
         if isinstance(default, bool):
-            return value.lower() in ("1", "true", "yes")
+            return self.flag(key, default)
         return type(default)(value) if default is not None else value
+
+    def flag(self, key: str, default: bool | None) -> bool | None:
+        value = self.options.get(key)
+        if value is None:
+            return default
+        if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise ValueError(f"score source {self.text!r}: {key}={value}: expected true or false")
+        return value.lower() in ("1", "true", "yes")
 
 
 def parse_source(text: str, role: str = "reward") -> SourceSpec:
@@ -101,7 +109,8 @@ def build_scorer(spec: SourceSpec, device: str = "cpu") -> Scorer:
         from openrlhf_dual.scoring.safe_rlhf import SafeRLHFScorer
 
         inner = SafeRLHFScorer(
-            spec.location, device=device, batch_size=spec.option("batch_size", 16), max_len=spec.option("max_len", 2048),
+            spec.location, device=device, batch_size=spec.option("batch_size", 16), max_len=spec.option("max_len", 512),
+            dtype=spec.option("dtype", "auto"), normalize=spec.flag("normalize", None),
             trust_remote_code=spec.option("trust_remote_code", False),
         )  # fmt: skip
     return _Checked(inner, spec)
