@@ -8,14 +8,35 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from openrlhf_dual.scoring.batch import ScoreBatch, Scorer
+from openrlhf_dual.scoring.classifier import ClassifierScorer
+from openrlhf_dual.scoring.hub import Checkpoint, resolve_checkpoint
+from openrlhf_dual.scoring.judge import JudgeScorer
+from openrlhf_dual.scoring.openrlhf_rm import OpenRLHFRewardScorer
+from openrlhf_dual.scoring.remote import RemoteScorer
+from openrlhf_dual.scoring.reward_file import RewardFileScorer
+from openrlhf_dual.scoring.safe_rlhf import SafeRLHFScorer
 
-KINDS = ("rm", "safe_rlhf", "remote", "file", "policy")
-OPTIONS = {"sign", "batch_size", "max_len", "normalize", "trust_remote_code", "value_head_prefix", "timeout", "dtype"}
+_MODEL = {"batch_size", "max_len", "dtype", "revision", "trust_remote_code"}
+# the options each kind takes besides `sign`
+KIND_OPTIONS = {
+    "rm": _MODEL | {"normalize", "value_head_prefix"},
+    "safe_rlhf": _MODEL | {"normalize"},
+    "classifier": _MODEL | {"label", "output", "text"},
+    "judge": _MODEL | {"safe", "unsafe"},
+    "remote": {"batch_size", "timeout"},
+    "file": {"batch_size"},
+    "policy": set(),
+}
+REQUIRED = {"classifier": ("label",)}
+KINDS = tuple(KIND_OPTIONS)
+MODEL_KINDS = tuple(k for k, options in KIND_OPTIONS.items() if "revision" in options)
 
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """`KIND:LOCATION[,key=value...]`, e.g. `safe_rlhf:/ckpt/beaver-7b-v1.0-cost,sign=-1`. KIND `policy` is a DPO-aligned
+    """`KIND:LOCATION[,key=value...]`, e.g. `safe_rlhf:PKU-Alignment/beaver-7b-v1.0-cost,sign=-1`.
+    LOCATION of a model kind is a local directory or a hub name (`revision=` picks a branch, tag or
+    commit; see openrlhf_dual.scoring.hub). KIND `policy` is a DPO-aligned
     policy whose implicit reward log pi/pi_ref is the score (PeCAN)."""
 
     kind: str
@@ -51,9 +72,13 @@ def parse_source(text: str, role: str = "reward") -> SourceSpec:
     options = {}
     for opt in opts:
         key, eq, value = opt.partition("=")
-        if not eq or key not in OPTIONS:
-            raise ValueError(f"score source {text!r}: unknown option {opt!r} (known: {', '.join(sorted(OPTIONS))})")
+        if not eq or key not in KIND_OPTIONS[kind] | {"sign"}:
+            known = ", ".join(sorted(KIND_OPTIONS[kind] | {"sign"}))
+            raise ValueError(f"score source {text!r}: unknown option {opt!r} for {kind} (known: {known})")
         options[key] = value
+    missing = [key for key in REQUIRED.get(kind, ()) if key not in options]
+    if missing:
+        raise ValueError(f"score source {text!r}: {kind} needs {', '.join(k + '=...' for k in missing)}")
     if "sign" not in options and role == "safety":
         raise ValueError(
             f"safety source {text!r}: declare sign=+1 (higher is safer) or sign=-1 (a cost: safety g = -cost)"
@@ -66,11 +91,20 @@ def parse_source(text: str, role: str = "reward") -> SourceSpec:
     return SourceSpec(kind, location, sign, options, text)
 
 
-class _Checked:
-    """Applies the declared sign and refuses wrong-length or non-finite scores, naming the source."""
+def checkpoint_of(spec: SourceSpec) -> Checkpoint | None:
+    """The local checkpoint a model source reads (a hub name resolved, downloaded unless offline)
+    and the hub revision it resolved to; None for kinds without a checkpoint."""
+    if spec.kind not in MODEL_KINDS:
+        return None
+    return resolve_checkpoint(spec.location, spec.options.get("revision"))
 
-    def __init__(self, inner: Scorer, spec: SourceSpec):
-        self.inner, self.spec = inner, spec
+
+class _Checked:
+    """Applies the declared sign and refuses wrong-length or non-finite scores, naming the source.
+    `checkpoint`: where a model source was loaded from (path, resolved hub revision)."""
+
+    def __init__(self, inner: Scorer, spec: SourceSpec, checkpoint: Checkpoint | None = None):
+        self.inner, self.spec, self.checkpoint = inner, spec, checkpoint
 
     def score(self, batch: ScoreBatch) -> np.ndarray:
         out = np.asarray(self.inner.score(batch), dtype=np.float64).reshape(-1)
@@ -90,27 +124,32 @@ def build_scorer(spec: SourceSpec, device: str = "cpu") -> Scorer:
             "(openrlhf_dual.score_actors, prepare --dual.algo pecan), not from text"
         )
     if spec.kind == "file":
-        from openrlhf_dual.scoring.reward_file import RewardFileScorer
-
-        inner = RewardFileScorer(spec.location, batch_size=spec.option("batch_size", 64))
-    elif spec.kind == "remote":
-        from openrlhf_dual.scoring.remote import RemoteScorer
-
-        inner = RemoteScorer(spec.location, batch_size=spec.option("batch_size", 64), timeout=spec.option("timeout", 60.0))
-    elif spec.kind == "rm":
-        from openrlhf_dual.scoring.openrlhf_rm import OpenRLHFRewardScorer
-
+        return _Checked(RewardFileScorer(spec.location, batch_size=spec.option("batch_size", 64)), spec)
+    if spec.kind == "remote":
+        return _Checked(
+            RemoteScorer(spec.location, batch_size=spec.option("batch_size", 64), timeout=spec.option("timeout", 60.0)), spec
+        )
+    checkpoint = checkpoint_of(spec)
+    common = dict(
+        device=device, batch_size=spec.option("batch_size", 16), dtype=spec.option("dtype", "auto"),
+        trust_remote_code=spec.option("trust_remote_code", False),
+    )  # fmt: skip
+    path = str(checkpoint.path)
+    if spec.kind == "rm":
         inner = OpenRLHFRewardScorer(
-            spec.location, device=device, batch_size=spec.option("batch_size", 16), max_len=spec.option("max_len", 2048),
-            normalize=spec.option("normalize", True), value_head_prefix=spec.option("value_head_prefix", None),
-            trust_remote_code=spec.option("trust_remote_code", False),
+            path, max_len=spec.option("max_len", 2048), normalize=spec.option("normalize", True),
+            value_head_prefix=spec.option("value_head_prefix", None), **common,
+        )  # fmt: skip
+    elif spec.kind == "safe_rlhf":
+        inner = SafeRLHFScorer(path, max_len=spec.option("max_len", 512), normalize=spec.flag("normalize", None), **common)
+    elif spec.kind == "classifier":
+        inner = ClassifierScorer(
+            path, label=spec.options["label"], output=spec.option("output", "logodds"),
+            text=spec.option("text", "response"), max_len=spec.option("max_len", 0) or None, **common,
         )  # fmt: skip
     else:
-        from openrlhf_dual.scoring.safe_rlhf import SafeRLHFScorer
-
-        inner = SafeRLHFScorer(
-            spec.location, device=device, batch_size=spec.option("batch_size", 16), max_len=spec.option("max_len", 512),
-            dtype=spec.option("dtype", "auto"), normalize=spec.flag("normalize", None),
-            trust_remote_code=spec.option("trust_remote_code", False),
+        inner = JudgeScorer(
+            path, safe=spec.option("safe", "safe"), unsafe=spec.option("unsafe", "unsafe"),
+            max_len=spec.option("max_len", 0) or None, **common,
         )  # fmt: skip
-    return _Checked(inner, spec)
+    return _Checked(inner, spec, checkpoint)
