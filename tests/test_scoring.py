@@ -207,7 +207,8 @@ def test_non_finite_scores_name_the_source(tmp_path):
     "text, role, match",
     [
         ("safe_rlhf:/x", "safety", "declare sign=\\+1"),
-        ("hub:/x", "reward", "KIND one of rm, safe_rlhf, remote, file"),
+        ("hub:/x", "reward", "KIND one of rm, safe_rlhf, classifier, judge, remote, file, policy"),
+        ("rm:/x,label=toxic", "reward", "unknown option .label=toxic. for rm"),
         ("rm:/x,colour=red", "reward", "unknown option"),
         ("rm:/x,sign=2", "reward", "sign must be"),
     ],
