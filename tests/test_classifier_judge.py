@@ -138,6 +138,15 @@ def test_judge_refuses_verdict_words_of_several_tokens(tmp_path):
         build_scorer(parse_source(f"judge:{path},sign=+1", "safety"))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_classifier_and_judge_on_cuda_agree_with_cpu(tmp_path):
+    judge, clf = tiny_judge(tmp_path / "judge"), bert_classifier(tmp_path / "clf")
+    for spec in [f"judge:{judge},sign=+1", f"classifier:{clf},label=toxic,sign=-1,text=pair"]:
+        cpu = build_scorer(parse_source(spec, "safety")).score(BATCH)
+        assert np.allclose(build_scorer(parse_source(spec, "safety"), device="cuda").score(BATCH), cpu, atol=1e-4)
+
+
 @pytest.mark.slow
 def test_prepare_and_the_ppo_reward_score_with_classifier_and_judge(tiny_model_dir, tmp_path):
     """prepare end to end (Ray actors) with a judge and a classifier as the two safety sources;

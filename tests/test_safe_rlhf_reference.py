@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from openrlhf_dual.scoring import ScoreBatch, build_scorer, parse_source
 from safe_rlhf_reference import CASES, KINDS, build, file_hashes
@@ -50,4 +51,17 @@ def test_scores_and_token_ids_agree_with_safe_rlhf(checkpoints, name):
 def test_bf16_checkpoint_read_in_fp32_agrees_with_safe_rlhf(checkpoints):
     scorer = build_scorer(parse_source(f"safe_rlhf:{checkpoints['v1_bf16']},dtype=float32"))
     theirs = np.array(FIXTURE["kinds"]["v1_bf16"]["scores"]["float32"])
+    assert np.abs(scorer.score(BATCH) - theirs).max() <= 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_scores_on_cuda_agree_with_safe_rlhf(checkpoints, name):
+    """The GPU path (weights loaded straight to the device, sdpa attention): fp32 kinds, and the
+    bf16 checkpoint read in fp32, agree with Safe-RLHF's CPU numbers to 1e-4."""
+    option = ",dtype=float32" if name == "v1_bf16" else ""
+    scorer = build_scorer(parse_source(f"safe_rlhf:{checkpoints[name]}{option}"), device="cuda")
+    assert {p.device.type for p in scorer.inner.backbone.parameters()} == {"cuda"}
+    theirs = np.array(FIXTURE["kinds"][name]["scores"]["float32" if option else "auto"])
     assert np.abs(scorer.score(BATCH) - theirs).max() <= 1e-4

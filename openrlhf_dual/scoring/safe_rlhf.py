@@ -17,6 +17,8 @@ Checked against Safe-RLHF's code at commits 507b060 and e8cca16 (tests/test_safe
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from openrlhf_dual.scoring.batch import ScoreBatch
@@ -55,11 +57,16 @@ def normaliser(config: dict, normalize: bool | None = None) -> tuple[float, floa
     return (float(mean[0]) if kind == "affine" else 0.0), float(var[0])
 
 
+def _no_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in record.getMessage()
+
+
 class SafeRLHFScorer:
     def __init__(self, path: str, *, device: str = "cpu", batch_size: int = 16, max_len: int = 512, dtype: str = "auto",
                  normalize: bool | None = None, trust_remote_code: bool = False):  # fmt: skip
         import torch
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
         config = read_config(path, trust_remote_code)
         if not set(config.get("architectures") or []) & set(V1_ARCHITECTURES + V2_ARCHITECTURES):
@@ -71,10 +78,17 @@ class SafeRLHFScorer:
         if has_bias != ("score_head.bias" in names):
             raise ValueError(f"{path}: config says the score head has {'a' if has_bias else 'no'} bias but the weights "
                              f"{'lack' if has_bias else 'hold'} score_head.bias")  # fmt: skip
-        self.backbone, info = AutoModel.from_pretrained(
-            path, dtype=torch_dtype(dtype), device_map={"": device}, output_loading_info=True,
-            trust_remote_code=trust_remote_code, attn_implementation="eager" if device == "cpu" else "sdpa",
-        )  # fmt: skip
+        # transformers' load report lists score_head.* as unexpected for the backbone: expected here
+        # (the head is read below; missing backbone weights are refused), so that report is left out
+        report = hf_logging.get_logger("transformers.modeling_utils")
+        report.addFilter(_no_load_report)
+        try:
+            self.backbone, info = AutoModel.from_pretrained(
+                path, dtype=torch_dtype(dtype), device_map={"": device}, output_loading_info=True,
+                trust_remote_code=trust_remote_code, attn_implementation="eager" if device == "cpu" else "sdpa",
+            )  # fmt: skip
+        finally:
+            report.removeFilter(_no_load_report)
         if info["missing_keys"]:
             raise ValueError(f"{path}: backbone weights missing: {sorted(info['missing_keys'])[:5]}")
         self.backbone.eval()
