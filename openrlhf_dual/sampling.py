@@ -177,7 +177,8 @@ class ReferenceSampler:
         for j, (prompt, index) in enumerate(zip(prompts, indices)):
             prompt_ids.append(prompt_token_ids(self.tokenizer, prompt))
             engine = self.actors[j % len(self.actors)]
-            futures.append(engine.generate.remote(prompt_ids[-1], SamplingParams(**vllm_sampling_kwargs(self.config, index))))
+            params = SamplingParams(**vllm_sampling_kwargs(self.config, index))
+            futures.append(engine.generate.remote(prompt_ids[-1], params))
         outs = [ray.get(f) for f in tqdm(futures, desc="vllm sampling", leave=False)]
         return [[_response(prompt, p, list(c.token_ids), eos, self.tokenizer) for c in o.outputs]
                 for prompt, p, o in zip(prompts, prompt_ids, outs)]  # fmt: skip

@@ -42,7 +42,8 @@ class JudgeScorer:
             path, dtype=torch_dtype(dtype), device_map={"": device}, trust_remote_code=trust_remote_code,
             attn_implementation="eager" if device == "cpu" else "sdpa",
         ).eval()  # fmt: skip
-        self.max_len = max_len or self.model.config.max_position_embeddings
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        self.max_len = max_len or positions or self.tokenizer.model_max_length
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.device, self.batch_size, self.torch = device, batch_size, torch
 
@@ -69,8 +70,10 @@ class JudgeScorer:
                     ids[row, width - len(s) :] = torch.tensor(s)
                     mask[row, width - len(s) :] = 1
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                    position_ids=positions.to(self.device), logits_to_keep=1).logits[:, -1].double()  # fmt: skip
+                logits = self.model(
+                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                    position_ids=positions.to(self.device), logits_to_keep=1,
+                ).logits[:, -1].double()  # fmt: skip
                 # log P(safe) - log P(unsafe): the softmax normaliser cancels
                 out.append((logits[:, safe] - logits[:, unsafe]).cpu().numpy())
         return np.concatenate(out)
