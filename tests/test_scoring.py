@@ -43,13 +43,15 @@ def trained_rm(tiny_model_dir, dpo_dataset_dir, tmp_path_factory) -> Path:
     return out
 
 
-def direct_rm_scores(path: Path, queries: list[str], normalize: bool) -> np.ndarray:
-    """OpenRLHF's own loader and forward, fed like serve_rm, with mean/std set from config.json."""
+def direct_rm_scores(path: Path, queries: list[str], normalize: bool, fp32: bool = False) -> np.ndarray:
+    """OpenRLHF's own loader (bf16, the dtype train_rm saves) and forward, fed like serve_rm, with
+    mean/std set from config.json; `fp32`: the bf16 weights computed in float32."""
     from openrlhf.models import get_llm_for_sequence_regression
     from transformers import AutoTokenizer
 
     model = get_llm_for_sequence_regression(str(path), "reward", normalize_reward=normalize,
-                                            attn_implementation="eager").float().eval()  # fmt: skip
+                                            attn_implementation="eager").eval()  # fmt: skip
+    model = model.float() if fp32 else model
     cfg = json.loads((path / "config.json").read_text())
     model.mean.fill_(cfg["mean"])
     model.std.fill_(cfg["std"])
@@ -63,10 +65,14 @@ def direct_rm_scores(path: Path, queries: list[str], normalize: bool) -> np.ndar
 def test_openrlhf_rm_checkpoint_matches_direct_calls_and_restores_normalisation(trained_rm):
     cfg = json.loads((trained_rm / "config.json").read_text())
     assert "mean" in cfg and "std" in cfg and cfg["std"] > 0
-    ours = build_scorer(parse_source(f"rm:{trained_rm}")).score(BATCH)
+    assert load_file(trained_rm / "model.safetensors")["score.weight"].dtype == torch.bfloat16
+    ours = build_scorer(parse_source(f"rm:{trained_rm}")).score(BATCH)  # the checkpoint's dtype: bf16
+    assert build_scorer(parse_source(f"rm:{trained_rm}")).inner.model.dtype == torch.bfloat16
     assert np.allclose(ours, direct_rm_scores(trained_rm, BATCH.queries, True), atol=1e-5)
-    raw = build_scorer(parse_source(f"rm:{trained_rm},normalize=false")).score(BATCH)
-    assert np.allclose(ours, (raw - cfg["mean"]) / cfg["std"], atol=1e-5)
+    fp32 = build_scorer(parse_source(f"rm:{trained_rm},dtype=float32")).score(BATCH)
+    assert np.allclose(fp32, direct_rm_scores(trained_rm, BATCH.queries, True, fp32=True), atol=1e-5)
+    raw = build_scorer(parse_source(f"rm:{trained_rm},normalize=false,dtype=float32")).score(BATCH)
+    assert np.allclose(fp32, (raw - cfg["mean"]) / cfg["std"], atol=1e-5)
 
     # The trap exists: OpenRLHF's loader alone leaves the buffers at something other than config.json's.
     from openrlhf.models import get_llm_for_sequence_regression
