@@ -84,10 +84,9 @@ def test_ppo_reward_gives_safe_rlhf_the_raw_text_of_unseen_prompts(prep, tiny_mo
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("prep", ["input_template"], indirect=True)
 def test_train_dpo_refuses_to_template_the_pairs_again(prep, tiny_model_dir, tmp_path):
     prep_dir = prep[0]
-    if not json.loads((prep_dir / "manifest.json").read_text())["inputs"]["input_template"]:
-        pytest.skip("one prep directory is enough")
     proc_args = [
         "--model.model_name_or_path", str(tiny_model_dir), "--data.dataset", str(prep_dir / "pairs.jsonl"),
         "--data.prompt_key", "prompt", "--data.input_template", TEMPLATE, "--data.max_len", "64",
