@@ -8,7 +8,10 @@ each g_j go back separately in `extra_logs`, so helpfulness and safety are logge
 
 Text: PPO sends query = decode(prompt_ids + response_ids, skip_special_tokens=False). The scores
 lambda* was solved on were of the response decoded alone with special tokens skipped
-(openrlhf_dual.sampling), so `split_response` recovers exactly that text before scoring.
+(openrlhf_dual.sampling), so `split_response` recovers exactly that text before scoring. Scorers
+with their own conversation template (Safe-RLHF, judges) need the user's raw text: known for the
+prompts prepare saw, and recovered for any other by stripping the template prepare applied
+(`PromptTemplate`), so it is never wrapped twice.
 """
 
 from __future__ import annotations
@@ -44,15 +47,48 @@ def _not_unicode(text: str) -> int | None:
 
 
 def split_response(query: str, prompt: str, tokenizer) -> str:
-    """The response inside a PPO query, as prepare decoded it (response ids alone, special tokens
-    skipped): the text after the prompt's decoded tokens, re-encoded and decoded that way, so EOS,
-    padding or other special tokens anywhere in it drop out as they did in prepare."""
-    decoded_prompt = tokenizer.decode(tokenizer(prompt, add_special_tokens=False)["input_ids"], skip_special_tokens=False)
+    """The response inside a PPO query, as prepare's sampler wrote it (openrlhf_dual.sampling.
+    response_text): the query's ids after the prompt's ids, read as text after the prompt, special
+    tokens (EOS, padding) skipped. When re-tokenising the query does not reproduce the prompt's ids,
+    the text after the decoded prompt, re-encoded and decoded with special tokens skipped."""
+    from openrlhf_dual.sampling import response_text
+
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(query, add_special_tokens=False)["input_ids"]
+    if ids[: len(prompt_ids)] == prompt_ids:
+        return response_text(tokenizer, prompt, prompt_ids, ids[len(prompt_ids) :])
+    decoded_prompt = tokenizer.decode(prompt_ids, skip_special_tokens=False)
     for head in (decoded_prompt, prompt):
         if query.startswith(head):
             tail = query[len(head) :]
             return tokenizer.decode(tokenizer(tail, add_special_tokens=False)["input_ids"], skip_special_tokens=True)
     raise ValueError(f"query does not start with its prompt: {query[:80]!r} vs {prompt[:80]!r}")
+
+
+class PromptTemplate:
+    """The text around the user's message in a formatted prompt, as prepare formatted it: its
+    --data.input_template, or the reference tokenizer's chat template (one user turn, generation
+    prompt), or nothing. `raw(prompt)` strips it, or raises when the prompt does not carry it."""
+
+    MARK = "\x00openrlhf-dual-user-text\x00"
+
+    def __init__(self, input_template: str | None, chat_tokenizer=None):
+        if chat_tokenizer is not None:
+            rendered = chat_tokenizer.apply_chat_template([{"role": "user", "content": self.MARK}], tokenize=False,
+                                                          add_generation_prompt=True)  # fmt: skip
+        else:
+            rendered = input_template.format(self.MARK) if input_template else self.MARK
+        self.prefix, _, self.suffix = rendered.partition(self.MARK)
+
+    def raw(self, prompt: str) -> str:
+        if not (prompt.startswith(self.prefix) and prompt.endswith(self.suffix)
+                and len(prompt) >= len(self.prefix) + len(self.suffix)):  # fmt: skip
+            raise ValueError(
+                f"PPO prompt {prompt[:80]!r} does not carry the template prepare formatted its prompts with "
+                f"({self.prefix[:40]!r} ... {self.suffix[-40:]!r}): give train_ppo_ray the same --data.input_template "
+                "or --data.apply_chat_template as prepare, and single-turn prompts"
+            )
+        return prompt[len(self.prefix) : len(prompt) - len(self.suffix)]
 
 
 class CombinedReward:
@@ -74,6 +110,8 @@ class CombinedReward:
         self.tokenizer = AutoTokenizer.from_pretrained(inputs["ref_model"], trust_remote_code=False)
         prompts = Path(prep_dir) / "prompts.jsonl"
         self.raw = {r["prompt"]: r["raw"] for r in read_jsonl(prompts)} if prompts.exists() else {}
+        chat = self.tokenizer if inputs.get("apply_chat_template") else None
+        self.template = PromptTemplate(inputs.get("input_template"), chat)
         self._batcher = MicroBatcher(self._score_batch, max_batch=max_batch)
 
     @staticmethod
@@ -141,8 +179,9 @@ class CombinedReward:
         try:
             responses = [split_response(q, p, self.tokenizer) for q, p in zip(queries, prompts)]
             # Scorers with their own conversation template (Safe-RLHF) need the user's text: known for
-            # the prompts prepare saw; other prompts are passed as they are.
-            return self._batcher([self.raw.get(p, p) for p in prompts], list(prompts), responses)
+            # the prompts prepare saw, recovered by stripping prepare's template from the others.
+            raw = [self.raw[p] if p in self.raw else self.template.raw(p) for p in prompts]
+            return self._batcher(raw, list(prompts), responses)
         except (MemoryError, torch.OutOfMemoryError):
             raise
         except Exception as err:

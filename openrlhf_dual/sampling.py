@@ -33,7 +33,7 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class Response:
-    text: str  # decoded, special tokens skipped
+    text: str  # as it reads after its prompt (response_text), special tokens skipped
     token_ids: list[int]  # exactly the generated tokens, EOS included when generated
     finished: bool  # ended with EOS (else stopped at max_new_tokens)
 
@@ -43,11 +43,23 @@ def prompt_token_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
-def _response(token_ids: list[int], eos_id: int, tokenizer) -> Response:
+def response_text(tokenizer, prompt: str, prompt_ids: list[int], response_ids: list[int]) -> str:
+    """The response as text exactly as it reads after its prompt: decode(prompt + response ids)
+    after the prompt text (or after the decoded prompt ids), special tokens skipped. Decoded alone,
+    a SentencePiece response would lose its leading space ("▁Mix" -> "Mix"), and scorers and
+    re-tokenising trainers would read other tokens than the policy generated."""
+    full = tokenizer.decode([*prompt_ids, *response_ids], skip_special_tokens=True)
+    for head in (prompt, tokenizer.decode(prompt_ids, skip_special_tokens=True)):
+        if full.startswith(head):
+            return full[len(head) :]
+    return tokenizer.decode(response_ids, skip_special_tokens=True)
+
+
+def _response(prompt: str, prompt_ids: list[int], token_ids: list[int], eos_id: int, tokenizer) -> Response:
     finished = eos_id in token_ids
     if finished:
         token_ids = token_ids[: token_ids.index(eos_id) + 1]
-    return Response(tokenizer.decode(token_ids, skip_special_tokens=True), list(token_ids), finished)
+    return Response(response_text(tokenizer, prompt, prompt_ids, token_ids), list(token_ids), finished)
 
 
 class HFGenerator:
@@ -82,7 +94,7 @@ class HFGenerator:
                     pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id,
                 )  # fmt: skip
             gen = seqs[:, ids.shape[1] :].tolist()
-            out.append([_response(g, self.tokenizer.eos_token_id, self.tokenizer) for g in gen])
+            out.append([_response(prompt, ids[0].tolist(), g, self.tokenizer.eos_token_id, self.tokenizer) for g in gen])
         return out
 
 
@@ -161,13 +173,15 @@ class ReferenceSampler:
         from vllm import SamplingParams
 
         eos = self.tokenizer.eos_token_id
-        futures = []
+        futures, prompt_ids = [], []
         for j, (prompt, index) in enumerate(zip(prompts, indices)):
-            ids = prompt_token_ids(self.tokenizer, prompt)
+            prompt_ids.append(prompt_token_ids(self.tokenizer, prompt))
             engine = self.actors[j % len(self.actors)]
-            futures.append(engine.generate.remote(ids, SamplingParams(**vllm_sampling_kwargs(self.config, index))))
+            params = SamplingParams(**vllm_sampling_kwargs(self.config, index))
+            futures.append(engine.generate.remote(prompt_ids[-1], params))
         outs = [ray.get(f) for f in tqdm(futures, desc="vllm sampling", leave=False)]
-        return [[_response(list(c.token_ids), eos, self.tokenizer) for c in o.outputs] for o in outs]
+        return [[_response(prompt, p, list(c.token_ids), eos, self.tokenizer) for c in o.outputs]
+                for prompt, p, o in zip(prompts, prompt_ids, outs)]  # fmt: skip
 
     def close(self) -> None:
         import ray

@@ -92,6 +92,11 @@ class PseudoPreferenceDataset(RewardDataset):
     ):
         if not is_dpo:
             raise ValueError("PseudoPreferenceDataset is for DPO pairs")
+        if input_template or getattr(strategy.args.data, "apply_chat_template", False):
+            raise ValueError(
+                "the pairs' prompts are already the exact text pi_ref was given (prepare applied the template); "
+                "drop --data.input_template / --data.apply_chat_template, which would template them a second time"
+            )
         missing = [c for c in SCORE_COLUMNS if c not in dataset.column_names]
         if missing:
             raise ValueError(

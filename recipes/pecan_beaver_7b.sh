@@ -19,7 +19,7 @@ TEMPLATE=$'BEGINNING OF CONVERSATION: USER: {} ASSISTANT:'
 DPO_FLAGS=(--ds.zero_stage 2 --ds.param_dtype bf16 --ds.load_in_4bit --ds.lora.rank 8 --ds.lora.alpha 16
            --model.gradient_checkpointing_enable --train.micro_batch_size 4 --train.batch_size 64
            --train.max_epochs 3 --adam.lr 5e-4 --lr_scheduler cosine_with_min_lr --data.max_len 1024
-           --data.input_template "$TEMPLATE" --ckpt.save_steps -1 --logger.logging_steps 1)
+           --ckpt.save_steps -1 --logger.logging_steps 1)
 # --------------------------------------------------------------------------------------------
 
 # 1. Pre-alignment data: one JSONL per judgement, in OpenRLHF's prompt/chosen/rejected convention.
@@ -31,7 +31,7 @@ python -m openrlhf_dual.cli.split_preferences --data.dataset "$PREFS" --out "$WO
 for NAME in helpful safe; do
   deepspeed --module openrlhf.cli.train_dpo \
      --model.model_name_or_path "$REF" --model.beta "$BETA" "${DPO_FLAGS[@]}" \
-     --data.dataset "$WORK/data/$NAME.jsonl" --data.prompt_key prompt \
+     --data.dataset "$WORK/data/$NAME.jsonl" --data.prompt_key prompt --data.input_template "$TEMPLATE" \
      --ckpt.output_dir "$WORK/lora_$NAME"
   python -m openrlhf.cli.lora_combiner --model_path "$REF" --lora_path "$WORK/lora_$NAME" \
      --output_path "$WORK/pi_$NAME" --ds.param_dtype bf16
@@ -49,7 +49,8 @@ python -m openrlhf_dual.cli.prepare --dual.algo pecan \
    --dual.reward "policy:$WORK/pi_helpful" --dual.safety "policy:$WORK/pi_safe,sign=+1" \
    --dual.threshold "$MARGIN" --dual.beta "$BETA" --dual.prep_dir "$WORK/prep"
 
-# 4. One PeCAN run: OpenRLHF's DPO on pseudo-preferences labelled by s_r + lambda* s_g.
+# 4. One PeCAN run: OpenRLHF's DPO on pseudo-preferences labelled by s_r + lambda* s_g. No
+#    --data.input_template: the pairs' prompts are already the exact text pi_ref was given.
 deepspeed --module openrlhf_dual.cli.train_dpo \
    --model.model_name_or_path "$REF" --model.beta "$BETA" "${DPO_FLAGS[@]}" \
    --ckpt.output_dir "$WORK/pecan" --dual.algo pecan --dual.prep_dir "$WORK/prep"

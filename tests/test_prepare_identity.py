@@ -137,7 +137,6 @@ def test_checkpoint_identity_sees_config_tokenizer_and_tensor_changes(checkpoint
     after = model_identity(str(checkpoint))
     assert {k for k in before if before[k] != after.get(k)} >= {"config.json", "tokenizer_config.json", "model.safetensors"}
     assert before["model.safetensors"].split(", header ")[1][:16] != after["model.safetensors"].split(", header ")[1][:16]
-    assert model_identity("org/model") == {"hub_name": "org/model", "revision": "unresolved"}
 
 
 def test_large_weight_file_is_read_in_slices_and_any_slice_change_is_seen(tmp_path):

@@ -43,13 +43,15 @@ def trained_rm(tiny_model_dir, dpo_dataset_dir, tmp_path_factory) -> Path:
     return out
 
 
-def direct_rm_scores(path: Path, queries: list[str], normalize: bool) -> np.ndarray:
-    """OpenRLHF's own loader and forward, fed like serve_rm, with mean/std set from config.json."""
+def direct_rm_scores(path: Path, queries: list[str], normalize: bool, fp32: bool = False) -> np.ndarray:
+    """OpenRLHF's own loader (bf16, the dtype train_rm saves) and forward, fed like serve_rm, with
+    mean/std set from config.json; `fp32`: the bf16 weights computed in float32."""
     from openrlhf.models import get_llm_for_sequence_regression
     from transformers import AutoTokenizer
 
     model = get_llm_for_sequence_regression(str(path), "reward", normalize_reward=normalize,
-                                            attn_implementation="eager").float().eval()  # fmt: skip
+                                            attn_implementation="eager").eval()  # fmt: skip
+    model = model.float() if fp32 else model
     cfg = json.loads((path / "config.json").read_text())
     model.mean.fill_(cfg["mean"])
     model.std.fill_(cfg["std"])
@@ -63,10 +65,14 @@ def direct_rm_scores(path: Path, queries: list[str], normalize: bool) -> np.ndar
 def test_openrlhf_rm_checkpoint_matches_direct_calls_and_restores_normalisation(trained_rm):
     cfg = json.loads((trained_rm / "config.json").read_text())
     assert "mean" in cfg and "std" in cfg and cfg["std"] > 0
-    ours = build_scorer(parse_source(f"rm:{trained_rm}")).score(BATCH)
+    assert load_file(trained_rm / "model.safetensors")["score.weight"].dtype == torch.bfloat16
+    ours = build_scorer(parse_source(f"rm:{trained_rm}")).score(BATCH)  # the checkpoint's dtype: bf16
+    assert build_scorer(parse_source(f"rm:{trained_rm}")).inner.model.dtype == torch.bfloat16
     assert np.allclose(ours, direct_rm_scores(trained_rm, BATCH.queries, True), atol=1e-5)
-    raw = build_scorer(parse_source(f"rm:{trained_rm},normalize=false")).score(BATCH)
-    assert np.allclose(ours, (raw - cfg["mean"]) / cfg["std"], atol=1e-5)
+    fp32 = build_scorer(parse_source(f"rm:{trained_rm},dtype=float32")).score(BATCH)
+    assert np.allclose(fp32, direct_rm_scores(trained_rm, BATCH.queries, True, fp32=True), atol=1e-5)
+    raw = build_scorer(parse_source(f"rm:{trained_rm},normalize=false,dtype=float32")).score(BATCH)
+    assert np.allclose(fp32, (raw - cfg["mean"]) / cfg["std"], atol=1e-5)
 
     # The trap exists: OpenRLHF's loader alone leaves the buffers at something other than config.json's.
     from openrlhf.models import get_llm_for_sequence_regression
@@ -207,7 +213,8 @@ def test_non_finite_scores_name_the_source(tmp_path):
     "text, role, match",
     [
         ("safe_rlhf:/x", "safety", "declare sign=\\+1"),
-        ("hub:/x", "reward", "KIND one of rm, safe_rlhf, remote, file"),
+        ("hub:/x", "reward", "KIND one of rm, safe_rlhf, classifier, judge, remote, file, policy"),
+        ("rm:/x,label=toxic", "reward", "unknown option .label=toxic. for rm"),
         ("rm:/x,colour=red", "reward", "unknown option"),
         ("rm:/x,sign=2", "reward", "sign must be"),
     ],
@@ -217,8 +224,10 @@ def test_source_spec_errors(text, role, match):
         parse_source(text, role=role)
 
 
-def safe_rlhf_checkpoint(tiny_model_dir: Path, out: Path, *, bias: bool, v2: bool) -> tuple[Path, dict]:
-    """A Safe-RLHF score model in the beaver format: LlamaModel under model.*, score_head."""
+def safe_rlhf_checkpoint(tiny_model_dir: Path, out: Path, *, bias: bool, v2: bool, score_type: str = "reward") -> tuple[Path, dict]:
+    """A Safe-RLHF score model in the beaver format: LlamaModel under model.*, score_head. v1:
+    LlamaModelForScore with `bias`; v2: LlamaForScore with `score_bias`, a normaliser of mean 0.4,
+    var 2.25 (std 1.5) and `score_type`."""
     from transformers import AutoModelForCausalLM
 
     lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -231,9 +240,12 @@ def safe_rlhf_checkpoint(tiny_model_dir: Path, out: Path, *, bias: bool, v2: boo
     out.mkdir(parents=True)
     save_file(weights, out / "model.safetensors")
     cfg = lm.config.to_dict()
-    cfg.update(architectures=["LlamaForScore" if v2 else "LlamaModelForScore"], score_dim=1, bias=bias)
+    cfg.update(architectures=["LlamaForScore" if v2 else "LlamaModelForScore"], score_dim=1)
     if v2:
-        cfg.update(do_normalize=True, normalizer_type="ExponentialMovingAverage", mean=[0.4], var=[2.25])
+        cfg.update(score_bias=bias, score_type=score_type, do_normalize=True, normalizer_type="ExponentialMovingAverage",
+                   mean=[0.4], var=[2.25])  # fmt: skip
+    else:
+        cfg.update(bias=bias)
     (out / "config.json").write_text(json.dumps(cfg))
     for f in tiny_model_dir.glob("*token*"):
         shutil.copy(f, out)
@@ -241,37 +253,68 @@ def safe_rlhf_checkpoint(tiny_model_dir: Path, out: Path, *, bias: bool, v2: boo
     return out, {"model": lm.model.eval(), "head": head.eval()}
 
 
-def direct_safe_rlhf(parts: dict, tok, batch: ScoreBatch) -> np.ndarray:
+def direct_safe_rlhf(parts: dict, tok, batch: ScoreBatch, max_len: int = 512) -> np.ndarray:
+    """Safe-RLHF's text and end score: its tokenizer call on conversation + response + EOS (special
+    tokens added, right truncation at max_len), one text at a time. (tests/test_safe_rlhf_reference.py
+    checks this convention against Safe-RLHF's own code.)"""
     out = []
     for raw, resp in zip(batch.raw_prompts, batch.responses):
-        text = f"BEGINNING OF CONVERSATION: USER: {raw} ASSISTANT:{resp}"
-        ids = [tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+        text = f"BEGINNING OF CONVERSATION: USER: {raw} ASSISTANT:{resp}{tok.eos_token}"
+        ids = tok(text, add_special_tokens=True, truncation=True, max_length=max_len)["input_ids"]
         with torch.no_grad():
             hidden = parts["model"](torch.tensor([ids])).last_hidden_state[0, -1]
             out.append(parts["head"](hidden).item())
     return np.array(out)
 
 
-@pytest.mark.parametrize("v2", [False, True])
-def test_safe_rlhf_checkpoint_scores_keep_bias_and_normaliser(tiny_model_dir, tmp_path, v2):
+# Safe-RLHF's Normalizer by score_type: reward (x - mean) / std, cost x / std, critic x (mean 0.4, std 1.5)
+NORMALISED = {None: lambda x: x, "reward": lambda x: (x - 0.4) / 1.5, "cost": lambda x: x / 1.5, "critic": lambda x: x}
+
+
+@pytest.mark.parametrize("score_type", [None, "reward", "cost", "critic"])
+def test_safe_rlhf_checkpoint_scores_keep_bias_and_normalise_by_score_type(tiny_model_dir, tmp_path, score_type):
     from transformers import AutoTokenizer
 
-    path, parts = safe_rlhf_checkpoint(tiny_model_dir, tmp_path / "ckpt", bias=True, v2=v2)
+    v2 = score_type is not None
+    path, parts = safe_rlhf_checkpoint(tiny_model_dir, tmp_path / "ckpt", bias=True, v2=v2, score_type=score_type or "reward")
     tok = AutoTokenizer.from_pretrained(path)
     ours = build_scorer(parse_source(f"safe_rlhf:{path},sign=-1", role="safety")).score(BATCH)
     direct = direct_safe_rlhf(parts, tok, BATCH)
-    if v2:
-        direct = (direct - 0.4) / 1.5
-    assert np.allclose(ours, -direct, atol=1e-5)
+    assert np.allclose(ours, -NORMALISED[score_type](direct), atol=1e-5)
+    raw = build_scorer(parse_source(f"safe_rlhf:{path},normalize=false")).score(BATCH)
+    assert np.allclose(raw, direct, atol=1e-5)
     # Without the bias every score moves by exactly the bias (through the normaliser in v2)
     weights = load_file(path / "model.safetensors")
     del weights["score_head.bias"]
     save_file(weights, path / "model.safetensors")
+    with pytest.raises(ValueError, match="config says the score head has a bias but the weights lack"):
+        build_scorer(parse_source(f"safe_rlhf:{path}"))
     cfg = json.loads((path / "config.json").read_text())
-    cfg["bias"] = False
+    cfg["score_bias" if v2 else "bias"] = False
     (path / "config.json").write_text(json.dumps(cfg))
     no_bias = build_scorer(parse_source(f"safe_rlhf:{path},sign=-1", role="safety")).score(BATCH)
-    assert np.allclose(no_bias - ours, 0.75 / (1.5 if v2 else 1.0), atol=1e-5)
+    assert np.allclose(no_bias - ours, NORMALISED[score_type](0.75) - NORMALISED[score_type](0.0), atol=1e-5)
+
+
+def test_safe_rlhf_truncation_and_dtype_options(tiny_model_dir, tmp_path):
+    """Right truncation at max_len drops the EOS (Safe-RLHF's convention); dtype overrides the
+    checkpoint's (fp32 here)."""
+    from transformers import AutoTokenizer
+
+    path, parts = safe_rlhf_checkpoint(tiny_model_dir, tmp_path / "ckpt", bias=False, v2=False)
+    tok = AutoTokenizer.from_pretrained(path)
+    default = build_scorer(parse_source(f"safe_rlhf:{path}")).inner
+    assert default.backbone.dtype == torch.float32 and default.max_len == 512
+    assert default.input_ids(*BATCH.raw_prompts[:1], *BATCH.responses[:1])[-1] == tok.eos_token_id
+    short = build_scorer(parse_source(f"safe_rlhf:{path},max_len=9"))
+    ids = short.inner.input_ids("w1 w2", "w3 w4 w5 w6 w7")
+    assert len(ids) == 9 and tok.eos_token_id not in ids
+    assert np.allclose(short.score(BATCH), direct_safe_rlhf(parts, tok, BATCH, max_len=9), atol=1e-5)
+    half = build_scorer(parse_source(f"safe_rlhf:{path},dtype=bfloat16")).inner
+    assert half.backbone.dtype == torch.bfloat16
+    assert np.allclose(half.score(BATCH), direct_safe_rlhf(parts, tok, BATCH), atol=0.1)
+    with pytest.raises(ValueError, match="dtype=fp8: expected one of auto, float32"):
+        build_scorer(parse_source(f"safe_rlhf:{path},dtype=fp8"))
 
 
 def test_safe_rlhf_missing_head_fails_loudly(tiny_model_dir, tmp_path):

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dual.num_actors", type=int, default=1, help="hf generation actors; PeCAN: log-prob actors per model")
     p.add_argument("--dual.num_gpus_per_actor", type=float, default=0.0, help="per sampler/scorer actor")
     p.add_argument("--dual.shard_size", type=int, default=64, help="prompts per resumable shard")
-    p.add_argument("--dual.reward", required=True, help="KIND:LOCATION[,opts] with KIND rm|safe_rlhf|remote|file|policy")
+    p.add_argument("--dual.reward", required=True, help="KIND:LOCATION[,opts] with KIND rm|safe_rlhf|classifier|judge|remote|file|policy")
     p.add_argument("--dual.safety", nargs="+", required=True, help="one spec per constraint; sign=+1|-1 required")
     p.add_argument("--dual.threshold", type=float, nargs="+", required=True, help="b_j: E[g_j] >= b_j")
     p.add_argument("--dual.beta", type=float, default=0.1, help="KL coefficient (use the same in training)")

@@ -14,7 +14,8 @@ of a changed source are never mixed with scores of the old one. Kept cheap (mill
   (openrlhf_dual.cli.serve_reward states the identities of its prep directory's sources and its
   lambda). A server that states nothing (OpenRLHF's serve_rm) is recorded as stating nothing: a
   model swapped behind its URL cannot be seen.
-- a hub name (a location that is no local path): see `hub_identity`.
+- a hub name (a location that is no local path): the commit it resolves to (openrlhf_dual.scoring.
+  hub, honouring a `revision=` option) and the identity of that snapshot's files.
 
 Identities are flat {key: str} dicts (nested stated identities are flattened to dotted keys), so
 `changes` can say exactly what differs.
@@ -86,18 +87,15 @@ def checkpoint_identity(path: str | Path) -> dict:
     return out
 
 
-def hub_identity(name: str) -> dict:
-    """Identity of a hub name. HUB RESOLUTION PLUGS IN HERE: once openrlhf_dual.scoring.hub resolves
-    a name (and revision) to a local snapshot directory and the revision it resolved to, this
-    returns {"revision": resolved, **checkpoint_identity(snapshot)}. Until then the name is all that
-    is recorded, so a new revision pushed under the same name is not detected."""
-    return {"hub_name": name, "revision": "unresolved"}
+def model_identity(location: str, revision: str | None = None) -> dict:
+    """A model given as a local directory or a hub name (the reference model, checkpoints,
+    policies): a hub name is resolved to its snapshot in the local hub cache
+    (openrlhf_dual.scoring.hub) and identified by the commit it resolved to and its files."""
+    from openrlhf_dual.scoring.hub import resolve_checkpoint
 
-
-def model_identity(location: str) -> dict:
-    """A model given as a local directory or a hub name (the reference model, checkpoints, policies)."""
-    path = Path(location).expanduser()
-    return checkpoint_identity(path) if path.is_dir() else hub_identity(location)
+    checkpoint = resolve_checkpoint(location, revision)
+    found = checkpoint_identity(checkpoint.path)
+    return {"revision": checkpoint.revision, **found} if checkpoint.revision else found
 
 
 def identity_url(url: str) -> str:
@@ -127,7 +125,7 @@ def source_identity(spec: str | SourceSpec, role: str = "reward") -> dict:
         return file_identity(spec.location)
     if spec.kind == "remote":
         return remote_identity(spec.location, spec.option("timeout", 10.0))
-    return model_identity(spec.location)
+    return model_identity(spec.location, spec.options.get("revision"))
 
 
 def setup_identity(ref_model: str, reward: str, safety) -> dict:

@@ -14,7 +14,7 @@ import urllib.request
 
 import numpy as np
 
-from openrlhf_dual.scoring.base import ScoreBatch
+from openrlhf_dual.scoring.batch import ScoreBatch
 
 
 class RemoteScorer:

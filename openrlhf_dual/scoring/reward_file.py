@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openrlhf_dual.scoring.base import ScoreBatch
+from openrlhf_dual.scoring.batch import ScoreBatch
 
 
 def _floats(values) -> list[float]:

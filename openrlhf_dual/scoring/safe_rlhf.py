@@ -1,79 +1,121 @@
-"""A Safe-RLHF score model (the beaver-7b-v1.0-reward / -cost format), read without the
-`safe-rlhf` package: a LlamaModel under `model.*` and `score_head` (Linear hidden -> 1, with a
-bias when the checkpoint has one: absolute thresholds depend on it), scored at the last token.
+"""A Safe-RLHF score model (the beaver-7b-v1.0-reward / -cost format), scored as Safe-RLHF's own
+code scores it, without the `safe-rlhf` package: the backbone (AutoModel: a LlamaModel under
+`model.*` for the beaver models) and `score_head` (Linear hidden -> 1), read at the last token.
+Checked against Safe-RLHF's code at commits 507b060 and e8cca16 (tests/test_safe_rlhf_reference.py).
 
-Config variants: architectures "LlamaModelForScore" (v1.0, no normaliser) or "LlamaForScore";
-later configs carry `do_normalize` with `mean`/`var` lists (or `mean`/`std`), applied as
-(score - mean[0]) / sqrt(var[0]). Canonical text: BOS + "BEGINNING OF CONVERSATION: USER:
-{raw prompt} ASSISTANT:" + response + EOS, with the checkpoint's own tokenizer.
+- Head bias: v1.0-era `LlamaModelForScore` configs decide by `bias` (default false); later
+  `*ForScore` configs by `score_bias` (default true). A bias is kept: absolute thresholds depend on it.
+- Normaliser (later configs, when `do_normalize`; the `normalize` option overrides it, like
+  Safe-RLHF's --normalize_reward/--normalize_cost): by `score_type`, reward (x - mean) / std,
+  cost x / std (no mean), critic unchanged; std = sqrt(var[0]) + 1e-8, in float32.
+- Text: the checkpoint's own tokenizer on "BEGINNING OF CONVERSATION: USER: {raw prompt}
+  ASSISTANT:" + response + EOS, special tokens added (BOS), truncated on the right at `max_len`
+  (512, Safe-RLHF's default and its evaluation's), so a truncated text has no EOS.
+- dtype: the checkpoint's own (`torch_dtype` in config.json), as Safe-RLHF loads it; `dtype=`
+  overrides. Weights are read straight into that dtype (no fp32 copy, no random init).
 """
 
 from __future__ import annotations
 
-import math
+import logging
 
 import numpy as np
 
-from openrlhf_dual.scoring.base import ScoreBatch
-from openrlhf_dual.scoring.checkpoint import load_weights, read_config
+from openrlhf_dual.scoring.batch import ScoreBatch
+from openrlhf_dual.scoring.checkpoint import read_config, read_tensors, torch_dtype, weight_names
 
 PROMPT = "BEGINNING OF CONVERSATION: USER: {} ASSISTANT:"
-ARCHITECTURES = ("LlamaModelForScore", "LlamaForScore")
+V1_ARCHITECTURES = ("LlamaModelForScore", "BloomModelForScore")
+V2_ARCHITECTURES = (
+    "LlamaForScore", "BloomForScore", "GemmaForScore", "GPTNeoForScore", "GPTNeoXForScore", "GPT2ForScore",
+    "GPTJForScore", "MistralForScore", "OPTForScore", "PhiForScore", "Qwen2ForScore",
+)  # fmt: skip
+NORMALIZE = {"reward": "affine", "cost": "scale", "critic": "identity"}
 
 
-def normaliser(config: dict) -> tuple[float, float]:
-    """(mean, std) the score is normalised with; (0, 1) when the config asks for none."""
-    if not config.get("do_normalize", False):
-        return 0.0, 1.0
-    first = lambda v: float(v[0] if isinstance(v, (list, tuple)) else v)  # noqa: E731
-    mean = first(config.get("mean", 0.0))
-    std = first(config["std"]) if "std" in config else math.sqrt(first(config.get("var", 1.0)))
-    return mean, std
+def head_bias(config: dict) -> bool:
+    """Whether Safe-RLHF builds the score head with a bias for this config."""
+    if set(config.get("architectures") or []) & set(V1_ARCHITECTURES):
+        return bool(config.get("bias", False))
+    return bool(config.get("score_bias", True))
+
+
+def normaliser(config: dict, normalize: bool | None = None) -> tuple[float, float | None]:
+    """(shift, var): Safe-RLHF's end score is (x - shift) / (sqrt(var) + 1e-8), or x when var is None."""
+    if not (config.get("do_normalize", False) if normalize is None else normalize):
+        return 0.0, None
+    if set(config.get("architectures") or []) & set(V1_ARCHITECTURES):
+        raise ValueError(f"{config['architectures']} (Safe-RLHF v1.0) has no normaliser; drop normalize=true")
+    kind = NORMALIZE.get(config.get("score_type", "reward"))
+    if kind is None:
+        raise ValueError(f"score_type {config.get('score_type')!r}: expected one of {', '.join(NORMALIZE)}")
+    mean, var = config.get("mean") or [0.0], config.get("var") or [1.0]
+    if len(mean) != 1 or len(var) != 1:
+        raise ValueError(f"score_dim {len(mean)}: only one score per text is supported")
+    if kind == "identity":
+        return 0.0, None
+    return (float(mean[0]) if kind == "affine" else 0.0), float(var[0])
+
+
+def _no_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in record.getMessage()
 
 
 class SafeRLHFScorer:
-    def __init__(self, path: str, *, device: str = "cpu", batch_size: int = 16, max_len: int = 2048,
-                 trust_remote_code: bool = False):  # fmt: skip
+    def __init__(self, path: str, *, device: str = "cpu", batch_size: int = 16, max_len: int = 512, dtype: str = "auto",
+                 normalize: bool | None = None, trust_remote_code: bool = False):  # fmt: skip
         import torch
-        from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
         config = read_config(path, trust_remote_code)
-        if not set(config.get("architectures") or []) & set(ARCHITECTURES):
+        if not set(config.get("architectures") or []) & set(V1_ARCHITECTURES + V2_ARCHITECTURES):
             raise ValueError(f"{path}: architectures {config.get('architectures')} is not a Safe-RLHF score model")
-        weights = load_weights(path)
-        if "score_head.weight" not in weights:
+        names = weight_names(path)
+        if "score_head.weight" not in names:
             raise ValueError(f"{path}: no score_head.weight in the checkpoint; refusing to score with a random head")
-        has_bias = "score_head.bias" in weights
-        if config.get("bias", False) and not has_bias:
-            raise ValueError(f"{path}: config says the score head has a bias but score_head.bias is missing")
-        dtype = torch.float32 if device == "cpu" else torch.bfloat16
-        backbone = LlamaModel(LlamaConfig.from_pretrained(path))
-        head = torch.nn.Linear(backbone.config.hidden_size, weights["score_head.weight"].shape[0], bias=has_bias)
-        prefix = "model."
-        missing, unexpected = backbone.load_state_dict(
-            {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}, strict=False
-        )
-        if missing:
-            raise ValueError(f"{path}: backbone weights missing: {missing[:5]}")
-        head.load_state_dict({k.split(".", 1)[1]: v for k, v in weights.items() if k.startswith("score_head.")})
-        self.backbone = backbone.to(device=device, dtype=dtype).eval()
-        self.head = head.to(device=device, dtype=dtype).eval()
-        self.mean, self.std = normaliser(config)
+        has_bias = head_bias(config)
+        if has_bias != ("score_head.bias" in names):
+            raise ValueError(f"{path}: config says the score head has {'a' if has_bias else 'no'} bias but the weights "
+                             f"{'lack' if has_bias else 'hold'} score_head.bias")  # fmt: skip
+        # transformers' load report lists score_head.* as unexpected for the backbone: expected here
+        # (the head is read below; missing backbone weights are refused), so that report is left out
+        report = hf_logging.get_logger("transformers.modeling_utils")
+        report.addFilter(_no_load_report)
+        try:
+            self.backbone, info = AutoModel.from_pretrained(
+                path, dtype=torch_dtype(dtype), device_map={"": device}, output_loading_info=True,
+                trust_remote_code=trust_remote_code, attn_implementation="eager" if device == "cpu" else "sdpa",
+            )  # fmt: skip
+        finally:
+            report.removeFilter(_no_load_report)
+        if info["missing_keys"]:
+            raise ValueError(f"{path}: backbone weights missing: {sorted(info['missing_keys'])[:5]}")
+        self.backbone.eval()
+        head = read_tensors(path, ["score_head.weight", "score_head.bias"])
+        compute = next(self.backbone.parameters()).dtype
+        self.head_weight = head["score_head.weight"].to(device=device, dtype=compute)
+        self.head_bias = head["score_head.bias"].to(device=device, dtype=compute) if has_bias else None
+        shift, var = normaliser(config, normalize)
+        # float32, as Safe-RLHF's Normalizer buffers
+        self.shift = torch.tensor(shift, dtype=torch.float32, device=device)
+        self.std = None if var is None else torch.tensor(var, dtype=torch.float32, device=device).sqrt() + 1e-8
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         self.device, self.batch_size, self.max_len, self.torch = device, batch_size, max_len, torch
 
-    def _ids(self, raw_prompt: str, response: str) -> list[int]:
+    def input_ids(self, raw_prompt: str, response: str) -> list[int]:
+        """The ids Safe-RLHF feeds its score model for one conversation turn."""
         tok = self.tokenizer
-        ids = tok(PROMPT.format(raw_prompt) + response, add_special_tokens=False)["input_ids"][: self.max_len - 2]
-        return [tok.bos_token_id, *ids, tok.eos_token_id]
+        text = PROMPT.format(raw_prompt) + response + tok.eos_token
+        return tok(text, add_special_tokens=True, truncation=True, max_length=self.max_len)["input_ids"]
 
     def score(self, batch: ScoreBatch) -> np.ndarray:
         torch, out = self.torch, []
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         with torch.no_grad():
             for i in range(0, len(batch), self.batch_size):
-                seqs = [self._ids(p, r) for p, r in zip(batch.raw_prompts[i : i + self.batch_size],
-                                                       batch.responses[i : i + self.batch_size])]  # fmt: skip
+                seqs = [self.input_ids(p, r) for p, r in zip(batch.raw_prompts[i : i + self.batch_size],
+                                                            batch.responses[i : i + self.batch_size])]  # fmt: skip
                 lengths = torch.tensor([len(s) for s in seqs], device=self.device)
                 ids = torch.full((len(seqs), int(lengths.max())), pad, device=self.device)
                 for row, s in enumerate(seqs):
@@ -81,5 +123,8 @@ class SafeRLHFScorer:
                 mask = (torch.arange(ids.shape[1], device=self.device)[None] < lengths[:, None]).long()
                 hidden = self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
                 last = hidden[torch.arange(len(seqs)), lengths - 1]  # right padded: the last real token
-                out.append(self.head(last)[:, 0].double().cpu().numpy())
-        return (np.concatenate(out) - self.mean) / self.std
+                end = torch.nn.functional.linear(last, self.head_weight, self.head_bias)[:, 0].float()
+                if self.std is not None:
+                    end = (end - self.shift) / self.std
+                out.append(end.double().cpu().numpy())
+        return np.concatenate(out)
