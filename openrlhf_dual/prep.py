@@ -324,6 +324,7 @@ def run_prepare(cfg: PrepConfig) -> dict:
     from openrlhf_dual.dual import frontier, plot_frontier, solve_dual
 
     from openrlhf_dual.scoring import parse_source
+    from openrlhf_dual.scoring.registry import KINDS
 
     if len(cfg.thresholds) != len(cfg.safety):
         raise PrepError(f"{len(cfg.safety)} safety sources but {len(cfg.thresholds)} thresholds")
@@ -335,7 +336,7 @@ def run_prepare(cfg: PrepConfig) -> dict:
     if cfg.algo not in ALGOS or any((s.kind == "policy") != (want == "policy") for s in specs):
         raise PrepError(
             "--dual.algo pecan scores with the pre-aligned policies' implicit rewards: give every source as "
-            "policy:PATH; --dual.algo mocan takes reward/cost models (rm, safe_rlhf, remote, file)"
+            f"policy:PATH; --dual.algo mocan takes text scorers ({', '.join(k for k in KINDS if k != 'policy')})"
         )
     if cfg.algo == "pecan" and cfg.pairs_dataset:
         raise PrepError("--dual.pairs_dataset is for MoCAN; PeCAN trains on pi_ref's own samples (their exact token ids)")
