@@ -91,6 +91,21 @@ class PromptTemplate:
         return prompt[len(self.prefix) : len(prompt) - len(self.suffix)]
 
 
+def _check_sources(prep_dir: Path, manifest: dict) -> None:
+    """Refuse sources that changed since prepare scored with them (openrlhf_dual.scoring.identity):
+    lambda* was solved on their old scores. A prep directory from before identities were recorded
+    is accepted as it is."""
+    from openrlhf_dual.scoring.identity import changes, source_identity
+
+    for j, recorded in enumerate(manifest.get("identity", {}).get("sources", [])):
+        what = changes(recorded["identity"], source_identity(recorded["spec"], "reward" if j == 0 else "safety"))
+        if what:
+            raise ValueError(
+                f"source {recorded['spec']} changed since prepare scored with it ({'; '.join(what)}): lambda* in "
+                f"{prep_dir} was solved on the old scores; restore the source, or rerun prepare with --dual.rescore"
+            )
+
+
 class CombinedReward:
     """r + lambda . g for PPO queries, from a prep directory's sources and dual.json.
 
@@ -123,7 +138,8 @@ class CombinedReward:
         for path in (manifest, dual):
             if not path.exists():
                 raise FileNotFoundError(f"{path} not found: run `python -m openrlhf_dual.cli.prepare` first")
-        inputs, solution = json.loads(manifest.read_text())["inputs"], json.loads(dual.read_text())
+        manifest = json.loads(manifest.read_text())
+        inputs, solution = manifest["inputs"], json.loads(dual.read_text())
         if solution.get("form") == "margin":
             raise ValueError(f"{prep_dir} is a PeCAN prep directory (implicit rewards of policies): the PPO reward "
                              "needs a MoCAN prep directory, whose sources score text")  # fmt: skip
@@ -133,6 +149,7 @@ class CombinedReward:
         lam = np.asarray(lam, dtype=np.float64).reshape(-1)
         if len(lam) != len(inputs["safety"]) or not np.all(np.isfinite(lam)) or np.any(lam < 0):
             raise ValueError(f"lambda {lam.tolist()} must be finite, >= 0, one per safety source {inputs['safety']}")
+        _check_sources(prep_dir, manifest)
         return inputs, lam
 
     @property

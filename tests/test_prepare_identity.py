@@ -244,3 +244,22 @@ def test_prepare_cli_refuses_an_edited_reward_file_on_resume_and_rescores(tiny_m
     scores = np.concatenate([np.load(prep / "scores" / f"shard-{s:05d}.npy") for s in (0, 1)])
     np.testing.assert_array_equal(scores[..., 1].reshape(-1), [float(len(t)) for t in texts])
     assert any(len(t) != len(t.split()) for t in texts)  # the edit shows in the scores
+
+
+def test_ppo_reward_refuses_a_source_changed_since_prepare(checkpoint, files, tmp_path):
+    """The PPO reward (reward file, server, train_ppo_ray's --dual.prep_dir) checks the same
+    identities at start-up: r + lambda*.g with a changed source is not what lambda* was solved for."""
+    from openrlhf_dual.artifacts import write_json
+    from openrlhf_dual.ppo_reward import CombinedReward
+
+    reward, safety = files
+    cfg = config(tmp_path / "prep", checkpoint, f"file:{reward}", f"file:{safety},sign=+1")
+    open_manifest(cfg)
+    write_json(tmp_path / "prep" / "dual.json", {"form": "model", "lam": [0.5]})
+    inputs, lam = CombinedReward.check_prep_dir(tmp_path / "prep")
+    assert lam.tolist() == [0.5] and inputs["safety"] == [f"file:{safety},sign=+1"]
+    safety.write_text(SAFETY_EDITED)
+    with pytest.raises(ValueError, match=r"source file:.*safety.py,sign=\+1 changed since prepare scored with it \(sha256: "):
+        CombinedReward.check_prep_dir(tmp_path / "prep")
+    safety.write_text(SAFETY)  # restored: accepted again
+    assert CombinedReward.check_prep_dir(tmp_path / "prep")[1].tolist() == [0.5]
