@@ -49,6 +49,19 @@ def test_sequence_logprobs_match_the_generators_own_scores(tiny_model_dir):
         np.testing.assert_allclose(got, want, atol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sequence_logprobs_on_cuda_match_the_generators_own_scores(tiny_model_dir):
+    """On a GPU the model runs in bf16: each response's log-prob within bf16's resolution per token."""
+    from openrlhf_dual.scoring.logprob import SequenceLogProb
+
+    ids, responses, want, _ = generate_with_logps(tiny_model_dir, "user : w1 w2 assistant : ", 12, seed=0)
+    lp = SequenceLogProb(str(tiny_model_dir), device="cuda", batch_size=5)
+    assert {p.device.type for p in lp.model.parameters()} == {"cuda"}
+    got = lp([ids] * len(responses), responses)
+    np.testing.assert_allclose(got, want, atol=0.02 * max(len(r) for r in responses))
+
+
 def test_implicit_rewards_use_token_ids_not_text(tiny_model_dir, tmp_path):
     """SampleScorer (Ray actors, one model each) scores the stored token ids: a response whose
     text no longer matches its ids (special tokens inside, dropped when decoding) keeps its score."""
