@@ -207,3 +207,24 @@ def test_min_effective_samples_flags_a_prompt_carried_by_one_sample():
     spiked = solve_dual(reward, safety, 0.8, beta=1.0)
     assert spiked.min_effective_samples < 1.5
     assert np.isnan(solve_dual(reward, safety, 1e3, beta=1.0).min_effective_samples)
+
+
+def test_bootstrap_error_is_inf_when_some_resample_cannot_reach_the_threshold():
+    """Only prompt 0 has a safe sample: the threshold is reachable on the data, but not on a
+    resample that leaves prompt 0 out (about 1 in 3); lambda* is then unstable, reported as inf.
+    Without such resamples the error is the spread of the resamples' lambda*."""
+    rng = np.random.default_rng(0)
+    reward, safety = rng.normal(size=(10, 4)), np.zeros((10, 4))
+    safety[0, 0] = 10.0  # reachable: 10 / 10 prompts = 1.0
+    sol = solve_dual(reward, safety, 0.5, 1.0, bootstrap=50, seed=0)
+    assert sol.feasible and np.isfinite(sol.lam).all()
+    assert sol.bootstrap_stderr.tolist() == [np.inf]
+    assert sol.to_dict()["bootstrap_stderr"] == [None]
+    reward, safety = instance(n=200, m=2, seed=1)
+    b = safety.mean(axis=(0, 1)) + np.array([0.3, -3.0])  # constraint 1 slack
+    sol = solve_dual(reward, safety, b, 0.5, bootstrap=40, seed=2)
+    draws = []
+    for idx in np.random.default_rng(2).integers(0, 200, (40, 200)):
+        draws.append(solve_dual(reward[idx], safety[idx], b, 0.5).lam)
+    np.testing.assert_allclose(sol.bootstrap_stderr, np.std(draws, axis=0, ddof=1), rtol=1e-6, atol=1e-12)
+    assert sol.bootstrap_stderr[0] > 0 and sol.bootstrap_stderr[1] == 0.0

@@ -37,4 +37,6 @@ def bootstrap_stderr(reward, safety, thresholds, beta, lam, n_boot: int, seed: i
             draws.append(np.full(len(lam), np.inf))
             continue
         draws.append(newton(reward[idx], safety[idx], thresholds, beta, lam0=lam)[0])
-    return np.std(np.array(draws), axis=0, ddof=1)
+    draws = np.array(draws)
+    out = np.std(np.where(np.isinf(draws), 0.0, draws), axis=0, ddof=1)
+    return np.where(np.isinf(draws).any(axis=0), np.inf, out)  # (the std of values with an inf is NaN)
