@@ -25,6 +25,8 @@ def test_mean_ci_is_clustered_by_prompt():
     assert ci == pytest.approx({"mean": 4.0, "se": se, "lo": 4.0 - 1.959964 * se, "hi": 4.0 + 1.959964 * se}, rel=1e-6)
     # the same 6 numbers as 6 independent prompts give a different (unclustered) error
     assert mean_ci(x.reshape(6, 1))["se"] != pytest.approx(se)
+    # float32 scores are averaged in float64: (2^24 + 1) / 2 is not 2^23 (what float32 would give)
+    assert mean_ci(np.array([[2.0**24, 1.0]], dtype=np.float32))["mean"] == 8388608.5
     one = mean_ci(np.array([[1.0, 2.0]]))
     assert one["mean"] == 1.5 and np.isnan(one["se"]) and np.isnan(one["lo"]) and np.isnan(one["hi"])
 
@@ -50,7 +52,7 @@ def scores(reward, safety0, safety1):
     return np.stack([reward, safety0, safety1], axis=-1)
 
 
-N, K = 4, 3
+N, K = 4, 5  # K != 1 + m, so a mixed-up axis shows
 RNG = np.random.default_rng(0)
 REF = scores(*RNG.normal(size=(3, N, K)))
 POL = scores(*(RNG.normal(size=(3, N, K)) + np.array([1.0, 0.5, -0.2])[:, None, None]))
@@ -107,9 +109,12 @@ def report_of(margin: bool) -> dict:
 
 def test_markdown_has_a_row_per_policy_with_values_and_units():
     md = markdown(report_of(margin=True))
-    assert md.startswith(f"# Evaluation: {N} held-out prompts x {K} samples\n")
-    assert "margins over the reference" in md and "beta x log-ratio (PeCAN implicit rewards)" in md
     lines = md.splitlines()
+    assert lines[:4] == [
+        f"# Evaluation: {N} held-out prompts x {K} samples", "",
+        "Prep directory `prep/`; thresholds [0.4, -0.1] (margins over the reference), in beta x log-ratio (PeCAN "
+        "implicit rewards). Intervals: 95%, over prompts.", "",
+    ]  # fmt: skip
     header = next(i for i, line in enumerate(lines) if line.startswith("| policy |"))
     assert lines[header] == ("| policy | reward | safety 0 | safety 1 | verdict | win rate (reward) | KL to ref [nats] "
                              "| predicted reward / safety / KL |")  # fmt: skip
@@ -118,12 +123,19 @@ def test_markdown_has_a_row_per_policy_with_values_and_units():
     rep = report_of(True)["policies"]["mocan"]
     r = rep["reward"]
     assert mocan[1] == f"{r['mean']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]"
+    for j in range(2):
+        sj = rep["safety"][j]
+        assert mocan[2 + j] == f"{sj['mean']:+.3f} [{sj['lo']:+.3f}, {sj['hi']:+.3f}]"
+    w = rep["win_rate"]["reward"]
+    assert mocan[5] == f"{w['mean']:+.3f} [{w['lo']:+.3f}, {w['hi']:+.3f}]"
     assert mocan[4] == ", ".join(c["verdict"] for c in rep["constraints"])
     assert mocan[6] == "+0.500 [+0.500, +0.500]"  # KL
     assert mocan[7] == "+1.250 / +0.500, +0.250 / 0.125 |"
     assert next(line for line in lines if line.startswith("| reference |")).endswith("| - |")
-    plain = markdown(report_of(margin=False))
-    assert "E[g_j] >= b_j" in plain and "score units" in plain and "margins" not in plain
+    plain = markdown(report_of(margin=False)).splitlines()
+    assert plain[2] == ("Prep directory `prep/`; thresholds [0.4, -0.1] (E[g_j] >= b_j), in score units. "
+                        "Intervals: 95%, over prompts.")  # fmt: skip
+    assert len(md.splitlines()) == 4 + 2 + 2 and md.endswith("|\n")
 
 
 def png_pixels(path):
