@@ -183,6 +183,7 @@ def test_hard_labels_are_bernoulli_draws_of_each_pairs_probability():
     sure = pair_labels(np.array([50.0, -50.0]), np.zeros((2, 1)), np.zeros(2), np.zeros((2, 1)), [0.0], 0.1, 0.1,
                        hard=True)  # fmt: skip
     assert sure.tolist() == [1.0, 0.0]
+    assert np.array_equal(pair_labels(*args, hard=True), pair_labels(*args, hard=True, seed=0))  # the default seed
 
 
 def test_dual_config_refuses_a_prep_dir_of_the_other_algo_or_no_lambda(tmp_path):
