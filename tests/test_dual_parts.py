@@ -141,3 +141,18 @@ def test_frontier_record_and_lookup():
     assert ev(reward, s, np.array([top]), 0.5, np.zeros(1)).safety[0] >= target
     if top > 0.5 / safety.std():
         assert ev(reward, s, np.array([top / 2]), 0.5, np.zeros(1)).safety[0] < target
+
+
+def test_bootstrap_marks_exactly_unreachable_resamples_and_keeps_small_slacks():
+    """A resample whose reachable maximum equals the threshold cannot satisfy it strictly: inf.
+    Resamples that reach it by a small margin (< 1 score unit) are solved as usual."""
+    rng = np.random.default_rng(0)
+    reward, safety = rng.normal(size=(10, 4)), np.zeros((10, 4))
+    safety[0, 0] = 10.0
+    sol = solve_dual(reward, safety, 0.0, 1.0, bootstrap=30, seed=1)  # resamples without prompt 0 reach exactly 0
+    assert sol.lam.tolist() == [0.0] and sol.bootstrap_stderr.tolist() == [np.inf]
+    reward, safety = instance(n=100, m=1, seed=2)
+    safety = 0.1 * safety  # every slack below 1
+    b = float(safety.mean()) + 0.05
+    sol = solve_dual(reward, safety, b, 0.5, bootstrap=20, seed=0)
+    assert 0 < sol.bootstrap_stderr[0] < np.inf
