@@ -324,7 +324,9 @@ def test_mocan_launch_ways(module, extra, used, hard, tiny_model_dir, tmp_path):
     shift = preference_shift(tmp_path / "ckpt", reference_dir=tiny_model_dir)
     direction = 1.0 if used == 0.0 else -1.0
     assert direction * shift["A"] > 0.5 and -direction * shift["B"] > 0.5, shift
-    assert tensorboard_scalars(tb, "train/label_agreement")[-1] > 0.5
+    # the policy agrees with its labels more often than not over the last epoch (one step's 8 hard
+    # labels are too few: a B pair's label is 1 one time in 4 at lambda 0)
+    assert np.mean(tensorboard_scalars(tb, "train/label_agreement")[-8:]) > 0.6
 
 
 @pytest.mark.slow
