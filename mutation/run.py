@@ -61,6 +61,17 @@ def equivalent() -> dict[str, str]:
     return {m.group(1): m.group(2).strip() for m in re.finditer(r"^- `([^`]+)`:?(.*)$", text, flags=re.M)}
 
 
+def not_killed() -> list[str]:
+    """In-scope mutants of the last run that no test has killed yet (survived or not yet tested)."""
+    out = []
+    for path in SCOPE:
+        meta = ROOT / "mutants" / (path + ".meta")
+        codes = json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
+        prefixes = tuple(p + "__mutmut_" for p in mangled(path))
+        out += [k for k, v in codes.items() if k.startswith(prefixes) and v not in KILLED]
+    return out
+
+
 def summarise() -> dict:
     equiv = equivalent()
     modules, unexplained, stale = {}, [], []
@@ -86,12 +97,18 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max-children", type=int, default=2, help="mutants tested at once")
     p.add_argument("--summary-only", action="store_true", help="score the last run without running mutmut")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the last run's kills; re-collect which tests reach what and test only the rest")  # fmt: skip
     a = p.parse_args()
     if not a.summary_only:
         globs = [m + "__mutmut_*" for path in SCOPE for m in mangled(path)]
         mutmut = Path(sys.executable).parent / "mutmut"
-        shutil.rmtree(ROOT / "mutants", ignore_errors=True)
-        (ROOT / "mutants").mkdir()
+        if a.resume:
+            (ROOT / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
+            globs = not_killed()
+        else:
+            shutil.rmtree(ROOT / "mutants", ignore_errors=True)
+            (ROOT / "mutants").mkdir()
         with open(ROOT / "mutants" / "run.log", "w") as log:  # mutmut's own progress output
             proc = subprocess.run([str(mutmut), "run", "--max-children", str(a.max_children), *globs], cwd=ROOT,
                                   stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
