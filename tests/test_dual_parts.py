@@ -156,3 +156,22 @@ def test_bootstrap_marks_exactly_unreachable_resamples_and_keeps_small_slacks():
     b = float(safety.mean()) + 0.05
     sol = solve_dual(reward, safety, b, 0.5, bootstrap=20, seed=0)
     assert 0 < sol.bootstrap_stderr[0] < np.inf
+
+
+@pytest.mark.parametrize("scale", [0.05, 20.0])
+def test_frontier_grid_doubles_from_beta_over_the_spread(scale):
+    """The grid's top is beta / sd(g) doubled until pi_lambda's safety is within gap (relative to
+    the range from pi_0's safety) of the reachable maximum, whatever the score scale."""
+    reward, safety = instance(m=1, seed=6)
+    g = scale * safety[..., 0]
+    curve = frontier(reward, g, 0.5)
+    assert len(curve.lam) == 60  # the default num
+    start = 0.5 / g.std()
+    doublings = np.log2(curve.lam[-1] / start)
+    assert doublings == pytest.approx(round(doublings), abs=1e-9) and round(doublings) >= 1
+    target = curve.reachable - 1e-3 * (curve.reachable - curve.safety[0])
+    before = predict(reward, g, curve.lam[-1] / 2, 0.5)["safety"][0]
+    assert curve.safety[-1] >= target > before
+    lo, hi = curve.safety[0], curve.safety[-1]
+    with pytest.raises(ValueError, match=rf"outside the frontier \[{lo}, {hi}\]"):
+        curve.lam_for(float(hi) + 1.0)
