@@ -10,7 +10,7 @@ TORCH_CPU ?= torch==2.13.0
 FLASH_ATTN ?= flash-attn==2.8.3
 OPENRLHF ?= openrlhf==0.11.2
 
-.PHONY: install test demo demo-pecan bench evidence clean
+.PHONY: install test demo demo-pecan bench evidence mutation clean
 
 install: $(STAMP)
 	@$(PY) patches/apply.py
@@ -52,5 +52,11 @@ bench: install
 evidence: install
 	$(PY) benchmarks/evidence.py --out evidence_out
 
+# Mutation testing of the pure layers with their fast tests (mutation/run.py; not part of `make test`
+# or CI): writes mutation/summary.json; survivors must be killed or explained in mutation/EQUIVALENT.md
+mutation: install
+	$(PIP) install -q mutmut==3.8.1
+	$(PY) mutation/run.py
+
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) $(DEMO_OUT)-pecan evidence_out .pytest_cache
+	rm -rf $(VENV) $(DEMO_OUT) $(DEMO_OUT)-pecan evidence_out .pytest_cache mutants

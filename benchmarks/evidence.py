@@ -6,7 +6,9 @@
 2. a lambda sweep with recipes/lambda_sweep.sh on the MoCAN demo's prep directory, evaluated on
    held-out toy prompts by `openrlhf_dual.cli.evaluate` (one picture);
 3. benchmarks/primal_dual.py (CAN against a tuned primal-dual baseline, multiplier trajectory);
-4. benchmarks/dual_solver.py and benchmarks/logprob.py.
+4. benchmarks/dual_solver.py and benchmarks/logprob.py;
+5. mutation/summary.json as `make mutation` last wrote it (not rerun: `--mutation-only` refreshes
+   just that paragraph of README.md).
 Pictures go to docs/evidence/, numbers into README.md between the evidence markers. Takes about
 30 minutes on 2 CPU cores. A rerun with the same --out resumes: finished steps are kept.
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- evidence:start -->", "<!-- evidence:end -->"
+MUT_START, MUT_END = "<!-- mutation:start -->", "<!-- mutation:end -->"
 
 
 def run(cmd: list[str], env: dict | None = None) -> str:
@@ -70,6 +73,24 @@ def pd_headline(pd: dict) -> str:
         text += "never came for the baseline. "
     return (text + f"To within 0.15 KL(ref || optimum) of the optimum and staying there, {versus('optimum')}; "
             f"to CAN's final distance to the optimum, {versus('CAN final')}.")
+
+
+def mutation_paragraph() -> str:
+    """README's paragraph on mutation testing, from mutation/summary.json (written by `make
+    mutation`; not rerun here), between its own markers so `--mutation-only` can refresh it alone."""
+    path = ROOT / "mutation" / "summary.json"
+    if not path.exists():
+        return f"{MUT_START}\n{MUT_END}"
+    s = json.loads(path.read_text())
+    t = s["total"]
+    per = ", ".join(f"{Path(m).stem} {v['killed']}/{v['mutants'] - v['equivalent']}" for m, v in s["modules"].items())
+    return f"""{MUT_START}
+**The tests fail when the code is wrong** (`{s['command']}`, {s['tool']}, {s['date']}: every function of
+the dual, the labels, the pairs, the evaluation statistics and the Safe-RLHF normaliser mutated, the
+fast tests run against each mutant): {t['killed']} of {t['mutants'] - t['equivalent']} non-equivalent mutants
+killed ({t['score']:.1%}); {t['equivalent']} more change nothing observable (mutation/EQUIVALENT.md says why, one by
+one). Killed / non-equivalent per module: {per}.
+{MUT_END}"""
 
 
 def section(out: Path, outputs: dict) -> str:
@@ -135,13 +156,21 @@ L-BFGS-B and the authors' projected gradient descent):
 ```
 {outputs['logprob'].strip()}
 ```
+
+{mutation_paragraph()}
 {END}"""
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="evidence_out")
+    p.add_argument("--mutation-only", action="store_true", help="refresh only the mutation paragraph (after make mutation)")
     a = p.parse_args()
+    if a.mutation_only:
+        readme = (ROOT / "README.md").read_text()
+        head, rest = readme.split(MUT_START, 1)
+        (ROOT / "README.md").write_text(head + mutation_paragraph() + rest.split(MUT_END, 1)[1])
+        return
     out = (ROOT / a.out).resolve()
     py = sys.executable
     for algo in ("mocan", "pecan"):

@@ -67,9 +67,9 @@ def policy_report(scores: np.ndarray, ref_scores: np.ndarray, thresholds: np.nda
 def markdown(report: dict, root: str | Path | None = None) -> str:
     """A table per policy: achieved with 95% intervals beside the dual's prediction, verdicts, win
     rates, KL. The prep directory is shown relative to `root` when it lies inside it."""
-    prep_dir = Path(report["prep_dir"])
-    if root is not None and prep_dir.resolve().is_relative_to(Path(root).resolve()):
-        prep_dir = prep_dir.resolve().relative_to(Path(root).resolve())
+    prep_dir = report["prep_dir"]
+    if root is not None and Path(prep_dir).resolve().is_relative_to(Path(root).resolve()):
+        prep_dir = Path(prep_dir).resolve().relative_to(Path(root).resolve())
     units = "beta x log-ratio (PeCAN implicit rewards)" if report["margin"] else "score units"
     lines = [
         f"# Evaluation: {report['n_prompts']} held-out prompts x {report['n_samples']} samples",

@@ -51,3 +51,18 @@ def torchrun(module: str, args: list[str], *, nproc: int = 2, cwd: Path, timeout
 
 def tensorboard_scalars(logdir: Path, tag: str) -> list[float]:
     return [value for _, _, value in launch.read_scalars(logdir, tag)]
+
+
+@pytest.fixture(scope="session")
+def tiny_policies(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """Two more random-init LMs on tiny_model_dir's tokenizer (seeds 1 and 2): stand-ins for PeCAN's
+    pre-aligned pi_r and pi_g, different from the reference so every log-ratio is non-zero."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    out = []
+    for seed in (1, 2):
+        path = tmp_path_factory.mktemp(f"tiny_policy_{seed}")
+        build_tiny_lm(path, tok, seed=seed)
+        out.append(path)
+    return out[0], out[1]

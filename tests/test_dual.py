@@ -132,15 +132,42 @@ def test_torch_tensors_give_the_same_answer():
     assert np.array_equal(a.lam, t.lam)
 
 
-def test_margin_form_is_model_form_on_centred_log_ratios():
+def test_margin_form_solves_the_margin_constraint_by_its_definition():
+    """PeCAN's dual from its definition, not from the code's transform: pi_lambda reweights each
+    prompt's samples by softmax_k(s_r + lambda s_g) (pi_ref exp((r + lambda g) / beta), r = beta s_r,
+    g = beta s_g), and lambda* is where the margin E_pi[g] - E_ref[g] (E_ref: the sample mean)
+    equals b, found by bracketing. Predictions are checked on the same weights."""
     rng = np.random.default_rng(5)
-    s_r, s_g = rng.normal(size=(100, 12)), rng.normal(size=(100, 12))
+    s_r = rng.normal(size=(100, 12))
+    s_g = rng.normal(size=(100, 12)) - 0.3 * s_r  # safety at odds with helpfulness
     beta, b = 0.2, 0.05
-    margin = solve_dual(s_r, s_g, b, beta, form="margin")
-    model = solve_dual(beta * s_r, beta * (s_g - s_g.mean(axis=1, keepdims=True)), b, beta)
-    assert np.allclose(margin.lam, model.lam, rtol=1e-12)
+
+    def weights(lam):
+        z = s_r + lam * s_g
+        w = np.exp(z - z.max(axis=1, keepdims=True))
+        return w / w.sum(axis=1, keepdims=True)
+
+    def margin(lam):
+        return float(np.mean(np.sum(weights(lam) * beta * s_g, axis=1) - beta * s_g.mean(axis=1)))
+
+    assert margin(0.0) < b  # active: lambda* > 0
+    lam = brentq(lambda x: margin(x) - b, 0.0, 100.0, xtol=1e-14, rtol=1e-14)
+    sol = solve_dual(s_r, s_g, b, beta, form="margin")
+    assert sol.feasible and sol.form == "margin"
+    assert sol.lam[0] == pytest.approx(lam, rel=1e-9)
+    w = weights(lam)
+    assert sol.predicted["safety"][0] == pytest.approx(b, abs=1e-10)
+    kl = np.mean(np.sum(w * np.log(w * s_r.shape[1]), axis=1))  # KL(pi_lambda || pi_ref) on the samples, nats
+    assert sol.predicted["kl"] == pytest.approx(kl, rel=1e-8)
+    # reward in beta x log-ratio units, up to the prompt constant: E_pi[beta s_r] - E_ref[beta s_r]
+    assert sol.predicted["reward"] - sol.reference["reward"] == pytest.approx(
+        np.mean(np.sum(w * beta * s_r, axis=1)) - beta * s_r.mean(), rel=1e-8)
+    assert sol.reference["safety"][0] == pytest.approx(0.0, abs=1e-12)  # the reference's margin
+    reach = np.mean(beta * (s_g.max(axis=1) - s_g.mean(axis=1)))
+    assert sol.reachable[0] == pytest.approx(reach, rel=1e-12)
+    assert not solve_dual(s_r, s_g, reach + 1e-6, beta, form="margin").feasible
     shifted = solve_dual(s_r, s_g + rng.normal(size=(100, 1)) * 5, b, beta, form="margin")  # prompt constants
-    assert np.allclose(margin.lam, shifted.lam, rtol=1e-10)
+    assert np.allclose(sol.lam, shifted.lam, rtol=1e-10)
 
 
 def test_predict_matches_solution_and_lambda_zero_is_the_reference():
@@ -207,3 +234,24 @@ def test_min_effective_samples_flags_a_prompt_carried_by_one_sample():
     spiked = solve_dual(reward, safety, 0.8, beta=1.0)
     assert spiked.min_effective_samples < 1.5
     assert np.isnan(solve_dual(reward, safety, 1e3, beta=1.0).min_effective_samples)
+
+
+def test_bootstrap_error_is_inf_when_some_resample_cannot_reach_the_threshold():
+    """Only prompt 0 has a safe sample: the threshold is reachable on the data, but not on a
+    resample that leaves prompt 0 out (about 1 in 3); lambda* is then unstable, reported as inf.
+    Without such resamples the error is the spread of the resamples' lambda*."""
+    rng = np.random.default_rng(0)
+    reward, safety = rng.normal(size=(10, 4)), np.zeros((10, 4))
+    safety[0, 0] = 10.0  # reachable: 10 / 10 prompts = 1.0
+    sol = solve_dual(reward, safety, 0.5, 1.0, bootstrap=50, seed=0)
+    assert sol.feasible and np.isfinite(sol.lam).all()
+    assert sol.bootstrap_stderr.tolist() == [np.inf]
+    assert sol.to_dict()["bootstrap_stderr"] == [None]
+    reward, safety = instance(n=200, m=2, seed=1)
+    b = safety.mean(axis=(0, 1)) + np.array([0.3, -3.0])  # constraint 1 slack
+    sol = solve_dual(reward, safety, b, 0.5, bootstrap=40, seed=2)
+    draws = []
+    for idx in np.random.default_rng(2).integers(0, 200, (40, 200)):
+        draws.append(solve_dual(reward[idx], safety[idx], b, 0.5).lam)
+    np.testing.assert_allclose(sol.bootstrap_stderr, np.std(draws, axis=0, ddof=1), rtol=1e-6, atol=1e-12)
+    assert sol.bootstrap_stderr[0] > 0 and sol.bootstrap_stderr[1] == 0.0

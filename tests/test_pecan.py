@@ -62,34 +62,58 @@ def test_sequence_logprobs_on_cuda_match_the_generators_own_scores(tiny_model_di
     np.testing.assert_allclose(got, want, atol=0.02 * max(len(r) for r in responses))
 
 
-def test_implicit_rewards_use_token_ids_not_text(tiny_model_dir, tmp_path):
-    """SampleScorer (Ray actors, one model each) scores the stored token ids: a response whose
-    text no longer matches its ids (special tokens inside, dropped when decoding) keeps its score."""
+def forward_logp(model_dir, prompt_ids: list[int], response_ids: list[int]) -> float:
+    """log pi(response | prompt) in nats by one plain forward pass (float64 log-softmax)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        logps = model(ids).logits[0, :-1].double().log_softmax(-1)
+    rows = torch.arange(len(prompt_ids) - 1, ids.shape[1] - 1)
+    return float(logps[rows, ids[0, len(prompt_ids) :]].sum())
+
+
+def test_implicit_rewards_use_token_ids_not_text(tiny_model_dir, tiny_policies, tmp_path):
+    """SampleScorer (Ray actors, two per model) gives [n, K, 1 + m] = log pi_r/pi_ref, then
+    sign * log pi_g/pi_ref, of the stored token ids, for each prompt's own samples: checked
+    against plain forward passes of three different models. A response whose text no longer
+    matches its ids (special tokens inside, dropped when decoding) keeps its score."""
     import ray
 
     from openrlhf_dual.score_actors import SampleScorer
-    from openrlhf_dual.scoring.logprob import SequenceLogProb
 
-    prompt = "user : w3 w4 assistant : "
-    ids, responses, _, tok = generate_with_logps(tiny_model_dir, prompt, 4, seed=1)
-    responses[0] = responses[0][:1] + [tok.bos_token_id] + responses[0][1:]  # decodes without the BOS
-    texts = [tok.decode(r, skip_special_tokens=True) for r in responses]
-    retok = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    assert retok[0] != responses[0]  # re-tokenising the text would score other tokens
+    pi_r, pi_g = tiny_policies
+    prompts = ["user : w3 w4 assistant : ", "user : w9 assistant : "]
+    rows, samples, want = [], [], []
+    for j, prompt in enumerate(prompts):
+        ids, responses, _, tok = generate_with_logps(tiny_model_dir, prompt, 3, seed=1 + j)
+        if j == 0:
+            responses[0] = responses[0][:1] + [tok.bos_token_id] + responses[0][1:]  # decodes without the BOS
+            retok = tok(tok.decode(responses[0], skip_special_tokens=True), add_special_tokens=False)["input_ids"]
+            assert retok != responses[0]  # re-tokenising the text would score other tokens
+        texts = [tok.decode(r, skip_special_tokens=True) for r in responses]
+        rows.append({"raw": prompt, "prompt": prompt})
+        samples.append([{"text": t, "token_ids": r} for t, r in zip(texts, responses)])
+        ref = [forward_logp(tiny_model_dir, ids, r) for r in responses]
+        want.append([[forward_logp(pi_r, ids, r) - lr, -(forward_logp(pi_g, ids, r) - lr)]
+                     for r, lr in zip(responses, ref)])  # fmt: skip
+    want = np.array(want)
 
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        scorer = SampleScorer(f"policy:{tiny_model_dir}", (f"policy:{tiny_model_dir},sign=-1",),
-                              ref_model=str(tiny_model_dir), num_actors=2)  # fmt: skip
-        samples = [[{"text": t, "token_ids": r} for t, r in zip(texts, responses)]]
-        scores = scorer([{"raw": "w3 w4", "prompt": prompt}], samples)
+        scorer = SampleScorer(f"policy:{pi_r}", (f"policy:{pi_g},sign=-1",), ref_model=str(tiny_model_dir),
+                              num_actors=2)  # fmt: skip
+        scores = scorer(rows, samples)
         scorer.close()
     finally:
         ray.shutdown()
-    assert scores.shape == (1, 4, 2)
-    np.testing.assert_allclose(scores, 0.0, atol=1e-5)  # same model: log-ratio 0 on the same ids
-    lp = SequenceLogProb(str(tiny_model_dir))
-    assert abs(lp([ids], [responses[0]])[0] - lp([ids], [retok[0]])[0]) > 1e-3
+    assert scores.shape == (2, 3, 2)
+    assert np.abs(want).min() > 1e-2  # policies differ from the reference on every response
+    assert np.abs(want[..., 0] + want[..., 1]).min() > 1e-3  # and from each other: columns distinguishable
+    np.testing.assert_allclose(scores, want, atol=1e-4)
+    ids = generate_with_logps(tiny_model_dir, prompts[0], 3, seed=1)[0]
+    assert abs(forward_logp(pi_r, ids, samples[0][0]["token_ids"]) - forward_logp(pi_r, ids, retok)) > 1e-3
 
 
 @pytest.mark.parametrize("beta, beta_policy", [(0.1, 0.1), (0.1, 0.3), (0.5, 0.05)])

@@ -71,6 +71,15 @@ def prep(tiny_model_dir, tmp_path_factory) -> Path:
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # Thresholds that bind (lambda* > 0 for both), between pi_0's safety and the reachable maximum:
+    # rerunning with new thresholds re-solves the dual only (no re-sampling).
+    sol = json.loads((root / "prep" / "dual.json").read_text())
+    b = [p + 0.3 * (r - p) for p, r in zip(sol["predicted"]["safety"], sol["reachable"])]
+    cmd[cmd.index("--dual.threshold") + 1 : cmd.index("--dual.threshold") + 3] = [str(v) for v in b]
+    proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lam = json.loads((root / "prep" / "dual.json").read_text())["lam"]
+    assert min(lam) > 0.05, lam  # so reading lambda = 0 instead of dual.json's would show
     return root / "prep"
 
 
@@ -174,8 +183,14 @@ def test_reward_file_reproduces_the_scores_lambda_was_solved_on(prep, tiny_model
 
     got = [r[0] for r in asyncio.run(go())]
     flat = scores.reshape(-1, scores.shape[-1])
+    lam = json.loads((prep / "dual.json").read_text())["lam"]
+    total = flat[:, 0] + flat[:, 1] * lam[0] + flat[:, 2] * lam[1]
+    np.testing.assert_allclose([g["rewards"].item() for g in got], total, atol=1e-5)
+    np.testing.assert_allclose([g["scores"].item() for g in got], total, atol=1e-5)
     np.testing.assert_allclose([g["extra_logs"]["dual_reward"].item() for g in got], flat[:, 0], atol=1e-5)
-    np.testing.assert_allclose([g["extra_logs"]["dual_safety_1"].item() for g in got], flat[:, 2], atol=1e-5)
+    for j in range(2):
+        np.testing.assert_allclose([g["extra_logs"][f"dual_safety_{j}"].item() for g in got], flat[:, 1 + j], atol=1e-5)
+    assert np.ptp(flat[:, 1]) > 0 and np.ptp(flat[:, 2]) > 0
 
 
 def free_port() -> int:
@@ -231,7 +246,10 @@ def test_server_answers_a_burst_of_64_concurrent_ppo_requests_without_mixups(ser
     got = [r[0] for r in asyncio.run(go())]
     want = direct(prep, raw, prompts, responses, LAM)
     np.testing.assert_allclose([g["rewards"][0] for g in got], want[:, 0], atol=1e-5)
-    np.testing.assert_allclose([g["extra_logs"]["dual_safety_1"][0] for g in got], want[:, 3], atol=1e-5)
+    np.testing.assert_allclose([g["scores"][0] for g in got], want[:, 0], atol=1e-5)
+    np.testing.assert_allclose([g["extra_logs"]["dual_reward"][0] for g in got], want[:, 1], atol=1e-5)
+    for j in range(2):
+        np.testing.assert_allclose([g["extra_logs"][f"dual_safety_{j}"][0] for g in got], want[:, 2 + j], atol=1e-5)
     assert len(set(np.round(want[:, 0], 6))) > 10  # distinct answers: a mix-up would show
 
 
@@ -319,3 +337,33 @@ def test_ppo_recipe_parses_through_openrlhf(prep, tmp_path, monkeypatch):
     args = parse_ppo(argv, monkeypatch)
     assert args.reward.remote_url == [str(prep / "ppo_reward.py")]
     assert args.actor.model_name_or_path == "PKU-Alignment/alpaca-7b-reproduced"
+
+
+def test_check_prep_dir_refuses_pecan_dirs_and_missing_lambdas(tmp_path):
+    """What the reward file, the server and train_ppo_ray's --dual.prep_dir check before loading
+    any model: a MoCAN directory with a finite lambda per safety source."""
+    from openrlhf_dual.ppo_reward import CombinedReward
+
+    def prep_dir(name, solution, safety=("file:s.py,sign=+1", "file:c.py,sign=-1")):
+        root = tmp_path / name
+        root.mkdir()
+        (root / "manifest.json").write_text(json.dumps({"inputs": {"reward": "file:r.py", "safety": list(safety)}}))
+        (root / "dual.json").write_text(json.dumps(solution))
+        return root
+
+    good = prep_dir("good", {"lam": [0.5, 1.5], "form": "model"})
+    inputs, lam = CombinedReward.check_prep_dir(good)
+    assert inputs["reward"] == "file:r.py" and lam.tolist() == [0.5, 1.5]
+    assert CombinedReward.check_prep_dir(good, [0.0, 2.0])[1].tolist() == [0.0, 2.0]  # an override wins
+    with pytest.raises(ValueError, match="is a PeCAN prep directory"):
+        CombinedReward.check_prep_dir(prep_dir("pecan", {"lam": [0.5, 1.5], "form": "margin"}))
+    infeasible = prep_dir("infeasible", {"lam": [None, None], "form": "model", "feasible": False})
+    with pytest.raises(ValueError, match="has no finite lambda.*pass --dual.lambda"):
+        CombinedReward.check_prep_dir(infeasible)
+    assert CombinedReward.check_prep_dir(infeasible, [1.0, 1.0])[1].tolist() == [1.0, 1.0]
+    for bad in ([1.0], [1.0, -0.5], [1.0, float("nan")]):
+        with pytest.raises(ValueError, match="must be finite, >= 0, one per safety source"):
+            CombinedReward.check_prep_dir(good, bad)
+    (good / "dual.json").unlink()
+    with pytest.raises(FileNotFoundError, match="dual.json not found"):
+        CombinedReward.check_prep_dir(good)

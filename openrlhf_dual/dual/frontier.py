@@ -44,9 +44,9 @@ class Frontier:
 def frontier(reward, safety, beta: float, *, num: int = 60, form: str = "model", gap: float = 1e-3) -> Frontier:
     """The curve for one constraint on lambda in {0} and a log grid up to where the predicted
     safety is within `gap` (relative) of the reachable maximum. reward, safety: [N, K]."""
+    if np.ndim(safety) == 3 and np.shape(safety)[2] != 1:  # before check_inputs, whose message is about thresholds
+        raise ValueError(f"the frontier is for one constraint, got {np.shape(safety)[2]}")
     reward, safety, _ = check_inputs(reward, safety, 0.0, beta, form)
-    if safety.shape[2] != 1:
-        raise ValueError(f"the frontier is for one constraint, got {safety.shape[2]}")
     reachable = float(safety[..., 0].max(axis=1).mean())
     at = lambda lam: evaluate(reward, safety, np.array([lam]), beta, np.zeros(1))  # noqa: E731
     base = at(0.0)

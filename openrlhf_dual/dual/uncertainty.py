@@ -30,5 +30,6 @@ def bootstrap_stderr(n: int, refit: Callable[[np.ndarray], np.ndarray], n_boot: 
     lambda* [m] on prompts idx (inf when that resample cannot reach the thresholds, which makes
     the result inf: lambda* is then unstable). [m]."""
     rng = np.random.default_rng(seed)
-    draws = [refit(rng.integers(0, n, n)) for _ in range(n_boot)]
-    return np.std(np.array(draws), axis=0, ddof=1)
+    draws = np.array([refit(rng.integers(0, n, n)) for _ in range(n_boot)])
+    out = np.std(np.where(np.isinf(draws), 0.0, draws), axis=0, ddof=1)
+    return np.where(np.isinf(draws).any(axis=0), np.inf, out)  # (the std of values with an inf is NaN)
