@@ -21,7 +21,8 @@ import pytest
 from openrlhf_dual.artifacts import read_jsonl
 from openrlhf_dual.demo import world as W
 from openrlhf_dual.demo.steps import DPO_BATCH, build_reference, dpo, exact_optimum
-from openrlhf_dual.launch import cpu_env, ray_cluster
+from openrlhf_dual.launch import cpu_env
+from vllm_tier import cluster, gpus_free_again  # noqa: F401  (cluster: a fixture)
 
 pytestmark = pytest.mark.vllm
 
@@ -29,12 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 THRESHOLD, BETA, N_PROMPTS = 0.5, 0.5, 32
 # small KV cache (vLLM's CPU build: a fraction of RAM), no compilation (minutes on a CPU)
 ENGINE_FLAGS = ["--vllm.gpu_memory_utilization", "0.1", "--vllm.enforce_eager"]
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with ray_cluster(num_gpus=2) as address:
-        yield address
 
 
 @pytest.fixture(scope="module")
@@ -70,20 +65,6 @@ def samples_of(prep: Path) -> list[list[dict]]:
     return [r["responses"] for f in sorted((prep / "samples").glob("shard-*.jsonl")) for r in read_jsonl(f)]
 
 
-def gpus_free_again(total: float = 2.0, wait: float = 20.0) -> bool:
-    """Every GPU of the cluster free and no placement group left, within `wait` seconds."""
-    import ray
-    from ray.util import placement_group_table
-
-    end = time.time() + wait
-    while time.time() < end:
-        live = [g for g in placement_group_table().values() if g["state"] != "REMOVED"]
-        if ray.available_resources().get("GPU", 0.0) == total and not live:
-            return True
-        time.sleep(0.5)
-    return False
-
-
 @pytest.fixture(scope="module")
 def recipe_prep(cluster, world):
     """The recipes' shape on 2 GPUs: 2 vLLM engines x 1 GPU, then 2 scorers x 1 GPU (K = 128)."""
@@ -115,7 +96,8 @@ def test_gpus_that_cannot_be_had_fail_within_a_minute(cluster, world, tmp_path):
     after the placement timeout. Either way the message says what each stage asks for."""
     import ray
 
-    proc, seconds = run(prepare_cmd(world, tmp_path / "a", "--vllm.num_engines", "3", "--dual.num_gpus_per_actor", "1"))
+    # a run that waits forever is stopped at 120 s, and fails the test
+    proc, seconds = run(prepare_cmd(world, tmp_path / "a", "--vllm.num_engines", "3", "--dual.num_gpus_per_actor", "1"), 120)
     assert proc.returncode == 2 and seconds < 60, (seconds, proc.stderr[-3000:])
     assert "sample asks for 3 GPUs (vLLM: 3 engines x tensor parallel 1); score asks for 2 GPUs" in proc.stderr
     assert "the Ray cluster has 2 GPUs" in proc.stderr
@@ -123,7 +105,7 @@ def test_gpus_that_cannot_be_had_fail_within_a_minute(cluster, world, tmp_path):
     holder = ray.remote(num_gpus=1)(type("Holder", (), {"ping": lambda self: 1})).remote()
     ray.get(holder.ping.remote())
     try:
-        proc, seconds = run(prepare_cmd(world, tmp_path / "b", "--vllm.num_engines", "2"))
+        proc, seconds = run(prepare_cmd(world, tmp_path / "b", "--vllm.num_engines", "2"), 120)
     finally:
         ray.kill(holder)
     assert proc.returncode == 2 and seconds < 60, (seconds, proc.stderr[-3000:])

@@ -9,21 +9,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from openrlhf_dual.launch import ray_cluster
 from openrlhf_dual.sampling import ReferenceSampler, SamplingConfig
 from openrlhf_dual.tiny import build_tiny_lm, build_tokenizer
+from vllm_tier import cluster, gpus_free_again  # noqa: F401  (cluster: a fixture)
 
 pytestmark = pytest.mark.vllm
 
 # small KV cache (on vLLM's CPU build: a fraction of RAM), no compilation (minutes on a CPU)
 ENGINE = dict(vllm_gpu_memory_utilization=0.1, vllm_enforce_eager=True)
 PROMPT = "user : w1 w2 assistant :"
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with ray_cluster(num_gpus=2) as address:
-        yield address
 
 
 def tiny_lm(out, n_words: int, logit_scale: float = 1.0):
@@ -75,7 +69,8 @@ def next_token_probs(model_dir, prompt: str) -> np.ndarray:
 
 def test_every_prompt_gets_exactly_k_responses_of_many_lengths(cluster, flat_lm):
     """Defect 1: with vLLM's streaming output kind, OpenRLHF's generate keeps the last update only,
-    which lacks the completions that finished earlier."""
+    which lacks the completions that finished earlier. Closing the sampler frees its GPUs (its
+    placement group removed: defect 4)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(flat_lm)
@@ -83,6 +78,7 @@ def test_every_prompt_gets_exactly_k_responses_of_many_lengths(cluster, flat_lm)
     config = SamplingConfig(n=16, max_new_tokens=12, seed=3)
     with ReferenceSampler("vllm", str(flat_lm), 1, config, **ENGINE) as sampler:
         out = sampler.sample(prompts, list(range(6)))
+    assert gpus_free_again()
     assert [len(per) for per in out] == [16] * 6
     lengths = [[len(r.token_ids) for r in per] for per in out]
     assert all(len(set(per)) > 1 for per in lengths), lengths  # every prompt's responses end at different steps
