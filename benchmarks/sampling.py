@@ -8,7 +8,7 @@ OpenRLHF's `create_vllm_engines` engine (AsyncLLM in a Ray actor on a logical/re
 request per prompt; the bare path is `vllm.LLM.generate` on every prompt at once in this process.
 The HF backend (one Ray actor) samples the same prompts beside them. Engine start-up is not timed;
 each path is warmed up once, then the best of `--repeats` is kept. The model is a random-init
-Llama built in-process (head_dim 64, as vLLM's CPU attention requires). Last line: the ratio of
+Llama built in-process (head_dim 64; vLLM's CPU attention takes 32 and up). Last line: the ratio of
 prepare's throughput to the bare one (target >= 0.9).
 """
 

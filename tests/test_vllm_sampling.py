@@ -1,7 +1,7 @@
 """The vllm backend's samples, engine by engine (vLLM tier: `make test-vllm`): exactly K per prompt,
 the model's own distribution, independent prompts, seeds honoured.
 
-Models are tiny random Llamas with head_dim 64 (vLLM's CPU attention refuses smaller ones).
+Models are tiny random Llamas with head_dim 64 (vLLM's CPU attention refuses head_dim 16).
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ DPO_BATCH = 32  # pairs per optimizer step in the demos' DPO runs (--train.batch
 def build_reference(out: Path, n_prompts: int, seed: int, hidden_size: int = 32) -> tuple[Path, list[str]]:
     """The tiny Llama fitted to the toy world, its prompts (also as data/prompts.jsonl) and the
     toy reward and safety as reward files. Returns (reference dir, raw prompts). vLLM's CPU
-    attention needs head_dim >= 64: hidden_size 128 (2 heads)."""
+    attention needs head_dim >= 32: hidden_size 64 (2 heads) loads there and fits the world as
+    well as the default 32 (at hidden 128, or 64 with one head, the fit misplaces EOS)."""
     from openrlhf_dual.tiny import build_tiny_lm, build_tokenizer
 
     ref_dir = out / "reference"
