@@ -5,8 +5,9 @@
         --data.prompt_dataset heldout.jsonl --data.max_samples 200 --eval.out eval/
 
 Samples K responses per held-out prompt from the reference (the prep directory's) and from every
-policy, with prepare's backends and its prompt formatting; scores them with the prep directory's
-own sources; estimates KL(policy || reference) from sequence log-probs of both models on the
+policy, one model at a time, with prepare's backend, placement and --vllm.* engine settings (from
+manifest.json, unless given here) and its prompt formatting; then scores them with the prep
+directory's own sources; estimates KL(policy || reference) from sequence log-probs of both models on the
 policy's samples. A policy is NAME=PATH[:LAMBDA[,LAMBDA...]]: the dual's prediction beside its
 achieved values is for that lambda (default: the prep directory's lambda*). Writes report.json,
 report.md and plane.png to --eval.out.
