@@ -24,7 +24,8 @@ from openrlhf_dual.demo.steps import DPO_BATCH, build_reference, dpo, exact_opti
 from openrlhf_dual.launch import cpu_env
 from vllm_tier import cluster, gpus_free_again  # noqa: F401  (cluster: a fixture)
 
-pytestmark = pytest.mark.vllm
+# a vLLM engine starts in 30 s to minutes on 2 shared cores; module fixtures start several
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(2400)]
 
 ROOT = Path(__file__).resolve().parents[1]
 THRESHOLD, BETA, N_PROMPTS = 0.5, 0.5, 32
@@ -57,7 +58,7 @@ def prepare_cmd(world: dict, prep: Path, *flags: str) -> list[str]:
     ]  # fmt: skip
 
 
-def run(cmd: list[str], timeout: float = 900) -> tuple[subprocess.CompletedProcess, float]:
+def run(cmd: list[str], timeout: float = 1800) -> tuple[subprocess.CompletedProcess, float]:
     """Run a CLI on the test's Ray cluster (RAY_ADDRESS); returns it and its wall seconds."""
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
@@ -188,7 +189,7 @@ def test_lambda_sweep_with_lora_evaluates_merged_checkpoints(resumed_prep, world
         EVAL_FLAGS="--dual.backend vllm",
     )  # fmt: skip
     proc = subprocess.run(["bash", str(ROOT / "recipes" / "lambda_sweep.sh")], env=env, capture_output=True, text=True,
-                          timeout=900)  # fmt: skip
+                          timeout=1800)  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     assert (tmp_path / "sweep" / "lambda-star" / "adapter_config.json").exists()  # LoRA: adapter only
     report = json.loads((tmp_path / "sweep" / "eval" / "report.json").read_text())["policies"]

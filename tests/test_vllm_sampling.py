@@ -13,7 +13,8 @@ from openrlhf_dual.sampling import ReferenceSampler, SamplingConfig
 from openrlhf_dual.tiny import build_tiny_lm, build_tokenizer
 from vllm_tier import cluster, gpus_free_again  # noqa: F401  (cluster: a fixture)
 
-pytestmark = pytest.mark.vllm
+# a vLLM engine starts in 30 s to minutes on 2 shared cores; module fixtures start several
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(2400)]
 
 # small KV cache (on vLLM's CPU build: a fraction of RAM), no compilation (minutes on a CPU)
 ENGINE = dict(vllm_gpu_memory_utilization=0.1, vllm_enforce_eager=True)
