@@ -6,8 +6,9 @@ Both sample the same prompts, K and lengths with the same engine settings (model
 fraction, eager mode, per-prompt seeds): prepare's path is `ReferenceSampler("vllm")`, i.e.
 OpenRLHF's `create_vllm_engines` engine (AsyncLLM in a Ray actor on a logical/real GPU) fed one
 request per prompt; the bare path is `vllm.LLM.generate` on every prompt at once in this process.
-The HF backend (one Ray actor) samples the same prompts beside them. Engine start-up is not timed;
-each path is warmed up once, then the best of `--repeats` is kept. The model is a random-init
+Both engines are up at once and timed alternately, so a machine busy with other work slows both
+alike; engine start-up is not timed; each is warmed up once, then the best of `--repeats` is kept.
+The HF backend (one Ray actor) samples the same prompts beside them. The model is a random-init
 Llama built in-process (head_dim 64; vLLM's CPU attention takes 32 and up). Last line: the ratio of
 prepare's throughput to the bare one (target >= 0.9).
 """
@@ -29,40 +30,50 @@ def build_model(path: Path, hidden: int, layers: int, words: int) -> None:
     build_tiny_lm(path, tok, hidden_size=hidden, num_layers=layers, num_heads=hidden // 64, max_positions=256)
 
 
-def best_of(fn, repeats: int) -> tuple[float, object]:
-    fn()  # warm-up
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
+def timed(fn) -> tuple[float, object]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
 
 
-def bare_vllm(model: str, prompts: list[str], config, repeats: int) -> tuple[float, int]:
-    """vllm.LLM.generate of every prompt at once (the same SamplingParams as prepare's): seconds, tokens."""
+def side_by_side(model: str, prompts: list[str], config, repeats: int) -> tuple[tuple[float, int], tuple[float, int]]:
+    """prepare's path (ReferenceSampler on OpenRLHF's engine) and a bare `vllm.LLM.generate` of the
+    same requests, both engines up at once and timed alternately (so a busy machine slows both
+    alike); best of `repeats` after a warm-up each. Returns ((seconds, tokens) ours, bare)."""
     from transformers import AutoTokenizer
     from vllm import LLM
     from vllm.inputs import TokensPrompt
 
-    from openrlhf_dual.sampling import prompt_token_ids
+    from openrlhf_dual.sampling import ReferenceSampler, prompt_token_ids
     from openrlhf_dual.sampling.vllm import sampling_params
 
     tok = AutoTokenizer.from_pretrained(model)
-    llm = LLM(model=model, dtype="bfloat16", seed=config.seed, **ENGINE)
     inputs = [TokensPrompt(prompt_token_ids=prompt_token_ids(tok, p)) for p in prompts]
     params = [sampling_params(config, i) for i in range(len(prompts))]
-    seconds, outs = best_of(lambda: llm.generate(inputs, params, use_tqdm=False), repeats)
-    return seconds, sum(len(c.token_ids) for o in outs for c in o.outputs)
+    engine = {f"vllm_{k}": v for k, v in ENGINE.items()}
+    with ReferenceSampler("vllm", model, 1, config, **engine) as ours:
+        llm = LLM(model=model, dtype="bfloat16", seed=config.seed, **ENGINE)
+        run_ours = lambda: ours.sample(prompts, list(range(len(prompts))))  # noqa: E731
+        run_bare = lambda: llm.generate(inputs, params, use_tqdm=False)  # noqa: E731
+        run_ours(), run_bare()  # warm-up
+        t_ours, t_bare = [], []
+        for _ in range(repeats):
+            t, out_ours = timed(run_ours)
+            t_ours.append(t)
+            t, out_bare = timed(run_bare)
+            t_bare.append(t)
+    tokens_ours = sum(len(r.token_ids) for per in out_ours for r in per)
+    tokens_bare = sum(len(c.token_ids) for o in out_bare for c in o.outputs)
+    return (min(t_ours), tokens_ours), (min(t_bare), tokens_bare)
 
 
-def sampler(backend: str, model: str, prompts: list[str], config, repeats: int) -> tuple[float, int]:
-    """ReferenceSampler (what prepare runs) on one engine / one actor: seconds, tokens."""
+def hf_backend(model: str, prompts: list[str], config) -> tuple[float, int]:
+    """ReferenceSampler("hf"), one actor, once after a warm-up prompt: seconds, tokens."""
     from openrlhf_dual.sampling import ReferenceSampler
 
-    kw = {f"vllm_{k}": v for k, v in ENGINE.items()} if backend == "vllm" else {}
-    with ReferenceSampler(backend, model, 1, config, **kw) as s:
-        seconds, out = best_of(lambda: s.sample(prompts, list(range(len(prompts)))), repeats)
+    with ReferenceSampler("hf", model, 1, config) as s:
+        s.sample(prompts[:1], [0])
+        seconds, out = timed(lambda: s.sample(prompts, list(range(len(prompts)))))
     return seconds, sum(len(r.token_ids) for per in out for r in per)
 
 
@@ -74,7 +85,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--words", type=int, default=2000)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
 
     from openrlhf_dual.launch import ray_cluster
@@ -86,12 +97,11 @@ def main() -> None:
         build_model(Path(model), a.hidden, a.layers, a.words)
         prompts = [f"user : w{i} w{2 * i + 1} w{3 * i + 2} assistant :" for i in range(a.prompts)]
         with ray_cluster(num_gpus=1):
-            ours = sampler("vllm", model, prompts, config, a.repeats)
-            hf = sampler("hf", model, prompts, config, 1)
-        bare = bare_vllm(model, prompts, config, a.repeats)
+            ours, bare = side_by_side(model, prompts, config, a.repeats)
+            hf = hf_backend(model, prompts, config)
 
     print(f"model: Llama hidden {a.hidden}, {a.layers} layers, vocab ~{a.words}; {a.prompts} prompts x K = {a.k}, "
-          f"up to {a.max_new_tokens} new tokens; best of {a.repeats} after a warm-up (HF: 1)")  # fmt: skip
+          f"up to {a.max_new_tokens} new tokens; vLLM: best of {a.repeats}, alternating, after a warm-up (HF: 1 run)")  # fmt: skip
     for name, (seconds, tokens) in [("bare vLLM LLM.generate", bare), ("prepare (vllm backend)", ours),
                                     ("prepare (hf backend)", hf)]:  # fmt: skip
         print(f"{name:24s} {seconds:8.2f} s  {a.prompts * a.k / seconds:9.1f} samples/s  {tokens / seconds:9.1f} tokens/s")
