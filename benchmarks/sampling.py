@@ -53,15 +53,18 @@ def side_by_side(model: str, prompts: list[str], config, repeats: int) -> tuple[
     engine = {f"vllm_{k}": v for k, v in ENGINE.items()}
     with ReferenceSampler("vllm", model, 1, config, **engine) as ours:
         llm = LLM(model=model, dtype="bfloat16", seed=config.seed, **ENGINE)
-        run_ours = lambda: ours.sample(prompts, list(range(len(prompts))))  # noqa: E731
-        run_bare = lambda: llm.generate(inputs, params, use_tqdm=False)  # noqa: E731
-        run_ours(), run_bare()  # warm-up
-        t_ours, t_bare = [], []
-        for _ in range(repeats):
-            t, out_ours = timed(run_ours)
-            t_ours.append(t)
-            t, out_bare = timed(run_bare)
-            t_bare.append(t)
+        try:
+            run_ours = lambda: ours.sample(prompts, list(range(len(prompts))))  # noqa: E731
+            run_bare = lambda: llm.generate(inputs, params, use_tqdm=False)  # noqa: E731
+            run_ours(), run_bare()  # warm-up
+            t_ours, t_bare = [], []
+            for _ in range(repeats):
+                t, out_ours = timed(run_ours)
+                t_ours.append(t)
+                t, out_bare = timed(run_bare)
+                t_bare.append(t)
+        finally:
+            llm.llm_engine.engine_core.shutdown()  # else its engine-core process outlives this script
     tokens_ours = sum(len(r.token_ids) for per in out_ours for r in per)
     tokens_bare = sum(len(c.token_ids) for o in out_bare for c in o.outputs)
     return (min(t_ours), tokens_ours), (min(t_bare), tokens_bare)
