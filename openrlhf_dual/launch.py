@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -25,6 +27,31 @@ def torchrun(module: str, args: list[str], *, nproc: int = 2, cwd: str | Path | 
     as text. Standalone rendezvous takes a free port, so concurrent runs on one machine do not clash."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", module, *args]
     return subprocess.run(cmd, cwd=cwd, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@contextmanager
+def ray_cluster(num_gpus: int, num_cpus: int = 8) -> Iterator[str]:
+    """A private Ray instance in this process with `num_gpus` GPUs: logical ones on a machine without
+    CUDA (OpenRLHF's {"GPU": 1} placement bundles then schedule, and vLLM's CPU build ignores the
+    CUDA_VISIBLE_DEVICES Ray sets), the first `num_gpus` real ones on a CUDA machine. While it runs,
+    RAY_ADDRESS holds its address, so subprocesses (prepare, evaluate, train_ppo_ray) join it.
+    Yields that address; shuts the instance down on exit."""
+    import ray
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() < num_gpus:
+        raise RuntimeError(f"asked for {num_gpus} GPUs, this machine has {torch.cuda.device_count()}")
+    ray.init(address="local", num_gpus=num_gpus, num_cpus=num_cpus, include_dashboard=False)
+    before = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = address = ray.get_runtime_context().gcs_address
+    try:
+        yield address
+    finally:
+        ray.shutdown()
+        if before is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = before
 
 
 def read_scalars(logdir: str | Path, tag: str) -> list[tuple[int, float, float]]:

@@ -217,33 +217,55 @@ def _score(scorer, rows: list[dict], samples: list[list[dict]]) -> np.ndarray:
 
 
 def _sample_and_score(cfg: PrepConfig, prompts: list[dict], todo: list[int], out: Path) -> dict:
-    """Sample and score every unfinished shard; returns seconds spent {"sample", "score"}."""
-    from openrlhf_dual.sampling import ReferenceSampler, SamplingConfig
+    """Sample every unfinished shard, release the sampler's GPUs, then score; returns seconds spent
+    {"sample", "score"}. The stages run one after the other, so each alone must fit the Ray cluster:
+    if one cannot be placed, a PrepError says what each asks for (openrlhf_dual.sampling.placement)."""
+    import ray
 
-    scorer = _scorer(cfg)
+    from openrlhf_dual.sampling import PlacementError, ReferenceSampler, SamplingConfig, SamplingError, sampler_stage
+    from openrlhf_dual.sampling.placement import await_gpus, check_stages
+    from openrlhf_dual.score_actors import scorer_stage
+
     spent = {"sample": 0.0, "score": 0.0}
     sampling = SamplingConfig(
         n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed
     )
-    with ReferenceSampler(
-        cfg.backend, cfg.ref_model, cfg.num_actors, sampling, num_gpus_per_actor=cfg.num_gpus_per_actor, **cfg.vllm
-    ) as sampler:
-        for s in tqdm(todo, desc="prepare: sample + score shards"):
-            rows = prompts[s * cfg.shard_size : (s + 1) * cfg.shard_size]
-            sample_path = out / "samples" / f"{SHARD.format(s)}.jsonl"
-            if sample_path.exists():
-                samples = [r["responses"] for r in read_jsonl(sample_path)]
-            else:
+    shard_rows = lambda s: prompts[s * cfg.shard_size : (s + 1) * cfg.shard_size]  # noqa: E731
+    sample_path = lambda s: out / "samples" / f"{SHARD.format(s)}.jsonl"  # noqa: E731
+    owns_ray = not ray.is_initialized()  # else: the caller's cluster (e.g. `ray job submit`)
+    if owns_ray:
+        ray.init()
+    try:
+        stages = [sampler_stage(cfg.backend, cfg.num_actors, cfg.num_gpus_per_actor, cfg.vllm),
+                  scorer_stage(cfg.reward, cfg.safety, cfg.num_actors, cfg.num_gpus_per_actor)]  # fmt: skip
+        check_stages(stages)
+        unsampled = [s for s in todo if not sample_path(s).exists()]
+        if unsampled:
+            with ReferenceSampler(cfg.backend, cfg.ref_model, cfg.num_actors, sampling,
+                                  num_gpus_per_actor=cfg.num_gpus_per_actor, stages=stages, **cfg.vllm) as sampler:  # fmt: skip
+                for s in tqdm(unsampled, desc="prepare: sample shards"):
+                    rows = shard_rows(s)
+                    t = time.perf_counter()
+                    got = sampler.sample([r["prompt"] for r in rows], indices=[r["id"] for r in rows])
+                    spent["sample"] += time.perf_counter() - t
+                    samples = [[dataclasses.asdict(x) for x in per_prompt] for per_prompt in got]
+                    write_jsonl(sample_path(s), [{"id": r["id"], "responses": x} for r, x in zip(rows, samples)])
+        await_gpus(stages[1], stages)
+        scorer = _scorer(cfg)
+        try:
+            for s in tqdm(todo, desc="prepare: score shards"):
+                samples = [r["responses"] for r in read_jsonl(sample_path(s))]
                 t = time.perf_counter()
-                got = sampler.sample([r["prompt"] for r in rows], indices=[r["id"] for r in rows])
-                spent["sample"] += time.perf_counter() - t
-                samples = [[dataclasses.asdict(x) for x in per_prompt] for per_prompt in got]
-                write_jsonl(sample_path, [{"id": r["id"], "responses": x} for r, x in zip(rows, samples)])
-            t = time.perf_counter()
-            scores = _score(scorer, rows, samples)
-            spent["score"] += time.perf_counter() - t
-            write_npy(out / "scores" / f"{SHARD.format(s)}.npy", scores)
-    scorer.close()
+                scores = _score(scorer, shard_rows(s), samples)
+                spent["score"] += time.perf_counter() - t
+                write_npy(out / "scores" / f"{SHARD.format(s)}.npy", scores)
+        finally:
+            scorer.close()
+    except (PlacementError, SamplingError) as err:
+        raise PrepError(str(err)) from err
+    finally:
+        if owns_ray:
+            ray.shutdown()
     return spent
 
 
@@ -343,6 +365,8 @@ def run_prepare(cfg: PrepConfig) -> dict:
     out = Path(cfg.prep_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = open_manifest(cfg)
+    # how prepare placed its actors (not part of the fingerprint): evaluate's defaults
+    manifest["placement"] = {"num_actors": cfg.num_actors, "num_gpus_per_actor": cfg.num_gpus_per_actor, "vllm": cfg.vllm}
     t0 = time.perf_counter()
     prompts_path = out / "prompts.jsonl"
     prompts = read_jsonl(prompts_path) if prompts_path.exists() else load_prompts(cfg, cfg.prompt_dataset, cfg.max_samples)

@@ -19,10 +19,10 @@ class ScoringError(RuntimeError):
 class _TextSourceActor:
     """Ray actor body holding one text source (models loaded once per actor)."""
 
-    def __init__(self, spec: str, role: str, device: str):
+    def __init__(self, spec: str, role: str, device: str | None):
         from openrlhf_dual.scoring import build_scorer, parse_source
 
-        self.scorer = build_scorer(parse_source(spec, role=role), device=device)
+        self.scorer = build_scorer(parse_source(spec, role=role), device=device or _gpu_or_cpu())
 
     def score(self, raw_prompts: list[str], prompts: list[str], responses: list[str]) -> np.ndarray:
         from openrlhf_dual.scoring import ScoreBatch
@@ -33,13 +33,20 @@ class _TextSourceActor:
 class _LogProbActor:
     """Ray actor body holding one causal LM for sequence log-probs."""
 
-    def __init__(self, model_path: str, device: str, batch_size: int):
+    def __init__(self, model_path: str, device: str | None, batch_size: int):
         from openrlhf_dual.scoring.logprob import SequenceLogProb
 
         self.logprob = SequenceLogProb(model_path, device=device, batch_size=batch_size)
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> np.ndarray:
         return self.logprob(prompt_ids, response_ids)
+
+
+def _gpu_or_cpu() -> str:
+    """Inside an actor given GPUs: "cuda" if it sees one (Ray's GPUs may be logical ones on a CPU machine)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _get(name: str, future) -> np.ndarray:
@@ -65,7 +72,7 @@ class LogProbGroup:
     def __init__(self, model_path: str, num_actors: int = 1, num_gpus_per_actor: float = 0.0, batch_size: int = 16):
         import ray
 
-        device = "cuda" if num_gpus_per_actor > 0 else "cpu"
+        device = None if num_gpus_per_actor > 0 else "cpu"  # None: the actor's own choice
         actor = ray.remote(_LogProbActor).options(num_cpus=0, num_gpus=num_gpus_per_actor)
         self.name = model_path
         self.actors = [actor.remote(model_path, device, batch_size) for _ in range(max(1, num_actors))]
@@ -86,6 +93,20 @@ class LogProbGroup:
 
         for a in self.actors:
             ray.kill(a)
+
+
+def scorer_stage(reward: str, safety: tuple[str, ...], num_actors: int = 1, num_gpus_per_actor: float = 0.0):
+    """The GPUs a SampleScorer with these arguments asks for: one actor per text source, or
+    `num_actors` per model (pi_ref and each policy) for `policy:` sources. Specs must be valid."""
+    from openrlhf_dual.sampling.placement import Stage
+    from openrlhf_dual.scoring import parse_source
+
+    m = len(safety)
+    if parse_source(reward, "reward").kind == "policy":
+        n, what = (2 + m) * max(1, num_actors), f"{2 + m} log-prob models x {max(1, num_actors)} actors"
+    else:
+        n, what = 1 + m, f"{1 + m} scorer actors"
+    return Stage("score", tuple({"GPU": num_gpus_per_actor} for _ in range(n)), f"{what} x {num_gpus_per_actor:g} GPU")
 
 
 class SampleScorer:
@@ -113,7 +134,7 @@ class SampleScorer:
             self.tokenizer = AutoTokenizer.from_pretrained(ref_model, trust_remote_code=False)
             self.groups = [LogProbGroup(m, num_actors, num_gpus_per_actor) for m in [ref_model, *(s.location for s in specs)]]
         else:
-            device = "cuda" if num_gpus_per_actor > 0 else "cpu"
+            device = None if num_gpus_per_actor > 0 else "cpu"  # None: the actor's own choice
             actor = ray.remote(_TextSourceActor).options(num_cpus=0, num_gpus=num_gpus_per_actor)
             roles = ["reward"] + ["safety"] * len(safety)
             self.actors = [actor.remote(spec, role, device) for spec, role in zip([reward, *safety], roles)]

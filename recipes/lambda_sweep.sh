@@ -16,6 +16,7 @@ OUT=${OUT:-./sweep}
 BETA=${BETA:-0.1}
 # multipliers to train at; "star" is the prep directory's lambda*
 LAMBDAS=${LAMBDAS:-"0 0.25 0.5 star 1.5"}
+GPUS=${GPUS:-8}                              # one node; evaluate samples with prepare's vLLM engines
 LAUNCH=${LAUNCH:-"deepspeed --module"}       # CPU: "torchrun --nproc_per_node 2 -m"
 TRAIN_FLAGS=${TRAIN_FLAGS:-"--ds.zero_stage 2 --ds.param_dtype bf16 --ds.load_in_4bit --ds.lora.rank 8 --ds.lora.alpha 16 \
 --train.micro_batch_size 4 --train.batch_size 64 --train.max_epochs 3 --adam.lr 5e-4 --data.max_len 1024"}
@@ -24,15 +25,25 @@ EVAL_FLAGS=${EVAL_FLAGS-"--dual.backend vllm --dual.num_gpus_per_actor 1"}   # s
 
 POLICIES=()
 for LAM in $LAMBDAS; do
-  if [ "$LAM" = star ]; then LAM_FLAG=(); NAME=lambda-star; SPEC="$OUT/$NAME";
-  else LAM_FLAG=(--dual.lambda "$LAM"); NAME="lambda-$LAM"; SPEC="$OUT/$NAME:$LAM"; fi
+  if [ "$LAM" = star ]; then LAM_FLAG=(); NAME=lambda-star; LAM_SPEC="";
+  else LAM_FLAG=(--dual.lambda "$LAM"); NAME="lambda-$LAM"; LAM_SPEC=":$LAM"; fi
+  CKPT="$OUT/$NAME"
   if [ ! -f "$OUT/$NAME/config.json" ]; then  # a finished run is kept: rerunning the sweep resumes it
     $LAUNCH openrlhf_dual.cli.train_dpo \
        --model.model_name_or_path "$REF" --model.beta "$BETA" $TRAIN_FLAGS \
        --ckpt.output_dir "$OUT/$NAME" --logger.logging_steps 1 --logger.tensorboard_dir "$OUT/tensorboard/$NAME" \
        --dual.algo mocan --dual.prep_dir "$PREP" "${LAM_FLAG[@]}"
   fi
-  POLICIES+=("$NAME=$SPEC")
+  # With LoRA (--ds.lora.rank) OpenRLHF saves the adapter only, which vLLM cannot load as a model:
+  # merge it into the reference with OpenRLHF's lora_combiner and evaluate the merged checkpoint.
+  if [ -f "$OUT/$NAME/adapter_config.json" ]; then
+    if [ ! -f "$OUT/$NAME-merged/config.json" ]; then
+      python -m openrlhf.cli.lora_combiner --model_path "$REF" --lora_path "$OUT/$NAME" \
+         --output_path "$OUT/$NAME-merged" --ds.param_dtype bf16
+    fi
+    CKPT="$OUT/$NAME-merged"
+  fi
+  POLICIES+=("$NAME=$CKPT$LAM_SPEC")
 done
 
 python -m openrlhf_dual.cli.evaluate --dual.prep_dir "$PREP" --eval.out "$OUT/eval" \

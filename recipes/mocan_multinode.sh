@@ -13,8 +13,10 @@ SAVE=/shared/ckpt/alpaca-7b-mocan
 THRESHOLD=0.5
 BETA=0.1
 RAY_ADDRESS=${RAY_ADDRESS:-http://127.0.0.1:8265}
-ENGINES=16                          # vLLM engines across the cluster
-HOSTFILE=./hostfile                 # "node1 slots=8" per line
+NODES=2                             # the Ray cluster and the hostfile: NODES x GPUS_PER_NODE GPUs
+GPUS_PER_NODE=8
+ENGINES=$((NODES * GPUS_PER_NODE))  # vLLM engines across the cluster (sampling, then scoring: not at once)
+HOSTFILE=./hostfile                 # "node1 slots=$GPUS_PER_NODE" per line
 # --------------------------------------------------------------------------------------------
 
 ray job submit --address="$RAY_ADDRESS" --runtime-env-json='{"working_dir": "."}' -- \

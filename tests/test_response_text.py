@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from openrlhf_dual.ppo_reward import split_response
-from openrlhf_dual.sampling import HFGenerator, SamplingConfig, response_text
+from openrlhf_dual.sampling import SamplingConfig, response_text
+from openrlhf_dual.sampling.hf import HFGenerator
 from safe_rlhf_reference import build_one
 
 PROMPT = "BEGINNING OF CONVERSATION: USER: How do I make bread? ASSISTANT:"

@@ -108,9 +108,10 @@ def test_bad_arguments_are_clear_errors(ray_local, tiny_model_dir):
 def test_vllm_arguments_and_missing_vllm(tiny_model_dir):
     cfg = SamplingConfig(n=8, max_new_tokens=16, temperature=0.7, top_p=0.9, seed=5)
     kw = vllm_sampling_kwargs(cfg, 11)
-    assert kw == dict(n=8, temperature=0.7, top_p=0.9, top_k=-1, max_tokens=16, seed=cfg.prompt_seed(11),
+    assert kw == dict(n=8, temperature=0.7, top_p=0.9, top_k=0, max_tokens=16, seed=cfg.prompt_seed(11) * 8,
                       include_stop_str_in_output=True)  # fmt: skip
-    assert vllm_sampling_kwargs(cfg, 12)["seed"] != kw["seed"]
+    # vLLM seeds sample k with seed + k: neighbouring prompts' K seeds must not overlap
+    assert vllm_sampling_kwargs(cfg, 12)["seed"] - kw["seed"] >= cfg.n
     try:
         import vllm  # noqa: F401
     except ImportError:

@@ -5,8 +5,9 @@
         --data.prompt_dataset heldout.jsonl --data.max_samples 200 --eval.out eval/
 
 Samples K responses per held-out prompt from the reference (the prep directory's) and from every
-policy, with prepare's backends and its prompt formatting; scores them with the prep directory's
-own sources; estimates KL(policy || reference) from sequence log-probs of both models on the
+policy, one model at a time, with prepare's backend, placement and --vllm.* engine settings (from
+manifest.json, unless given here) and its prompt formatting; then scores them with the prep
+directory's own sources; estimates KL(policy || reference) from sequence log-probs of both models on the
 policy's samples. A policy is NAME=PATH[:LAMBDA[,LAMBDA...]]: the dual's prediction beside its
 achieved values is for that lambda (default: the prep directory's lambda*). Writes report.json,
 report.md and plane.png to --eval.out.
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from openrlhf_dual.artifacts import write_bytes_atomic, write_json
+from openrlhf_dual.cli.prepare import add_vllm_flags, vllm_settings
 from openrlhf_dual.evaluation import markdown, plot_plane, policy_report
 from openrlhf_dual.prep import PrepConfig, PrepError, load_prompts
 
@@ -38,31 +40,50 @@ def parse_policy(text: str) -> tuple[str, str, list[float] | None]:
 
 def prep_config(prep_dir: Path, a: dict) -> tuple[PrepConfig, dict]:
     """Prepare's configuration of this prep directory with the held-out data and sampling flags
-    swapped in, and its dual solution."""
+    swapped in, and its dual solution. Placement (actors, GPUs, --vllm.* engines) is prepare's
+    unless a flag says otherwise."""
     for name in ("manifest.json", "dual.json"):
         if not (prep_dir / name).exists():
             raise PrepError(f"{prep_dir / name} not found: evaluate needs a finished prepare")
-    inputs = json.loads((prep_dir / "manifest.json").read_text())["inputs"]
+    manifest = json.loads((prep_dir / "manifest.json").read_text())
+    inputs, placed = manifest["inputs"], manifest.get("placement", {})
     solution = json.loads((prep_dir / "dual.json").read_text())
     cfg = PrepConfig(**{**inputs, "safety": tuple(inputs["safety"]), "pairs_keys": tuple(inputs["pairs_keys"])},
                      prep_dir=str(prep_dir), thresholds=tuple(solution["thresholds"]), beta=solution["beta"])  # fmt: skip
     held_out = {
         "prompt_dataset": a["data.prompt_dataset"], "prompt_split": a["data.prompt_split"],
         "max_samples": a["data.max_samples"], "n_samples": a["rollout.n_samples_per_prompt"], "seed": a["train.seed"],
-        "backend": a["dual.backend"], "num_actors": a["dual.num_actors"], "num_gpus_per_actor": a["dual.num_gpus_per_actor"],
+        "backend": a["dual.backend"], "num_actors": a["dual.num_actors"] or placed.get("num_actors"),
+        "num_gpus_per_actor": placed.get("num_gpus_per_actor") if a["dual.num_gpus_per_actor"] is None
+        else a["dual.num_gpus_per_actor"],
+        "vllm": {**placed.get("vllm", {}), **vllm_settings(a)},
     }  # fmt: skip
     return dataclasses.replace(cfg, **{k: v for k, v in held_out.items() if v is not None}), solution
 
 
-def sample(cfg: PrepConfig, model: str, prompts: list[dict]) -> list[list[dict]]:
+def sample(cfg: PrepConfig, model: str, prompts: list[dict], stages: list) -> list[list[dict]]:
+    """K samples per prompt of `model`; its sampler's GPUs are free again on return."""
     from openrlhf_dual.sampling import ReferenceSampler, SamplingConfig
 
     sampling = SamplingConfig(n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
                               max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)  # fmt: skip
     with ReferenceSampler(cfg.backend, model, cfg.num_actors, sampling, num_gpus_per_actor=cfg.num_gpus_per_actor,
-                          **cfg.vllm) as sampler:  # fmt: skip
+                          stages=stages, **cfg.vllm) as sampler:  # fmt: skip
         got = sampler.sample([p["prompt"] for p in prompts], indices=[p["id"] for p in prompts])
     return [[dataclasses.asdict(x) for x in per_prompt] for per_prompt in got]
+
+
+def stages_of(cfg: PrepConfig) -> list:
+    """What evaluate asks of the cluster: sampling (one model at a time), then scoring: the prep
+    directory's scorers, the reference's log-prob actors and one policy's."""
+    from openrlhf_dual.sampling import Stage, sampler_stage
+    from openrlhf_dual.score_actors import scorer_stage
+
+    score = scorer_stage(cfg.reward, cfg.safety, cfg.num_actors, cfg.num_gpus_per_actor)
+    logprob = tuple({"GPU": cfg.num_gpus_per_actor} for _ in range(2 * max(1, cfg.num_actors)))
+    return [sampler_stage(cfg.backend, cfg.num_actors, cfg.num_gpus_per_actor, cfg.vllm),
+            Stage("score", score.bundles + logprob, f"{score.what}, and 2 log-prob models x {max(1, cfg.num_actors)} "
+                  f"actors x {cfg.num_gpus_per_actor:g} GPU")]  # fmt: skip
 
 
 def logprobs(group, tok, prompts: list[dict], samples: list[list[dict]]) -> np.ndarray:
@@ -99,12 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dual.backend", choices=("hf", "vllm"), default=None, help="default: prepare's")
     p.add_argument("--dual.num_actors", type=int, default=None)
     p.add_argument("--dual.num_gpus_per_actor", type=float, default=None)
+    add_vllm_flags(p, inherit=True)  # default: what prepare used (manifest.json's "placement")
     return p
 
 
 def evaluate(a: dict) -> dict:
+    """Sample the reference and every policy (one sampler at a time), then score them all."""
+    import ray
     from transformers import AutoTokenizer
 
+    from openrlhf_dual.sampling import PlacementError, SamplingError
+    from openrlhf_dual.sampling.placement import await_gpus, check_stages
     from openrlhf_dual.score_actors import LogProbGroup, SampleScorer, ScoringError
 
     prep_dir, out = Path(a["dual.prep_dir"]), Path(a["eval.out"])
@@ -113,30 +139,40 @@ def evaluate(a: dict) -> dict:
     margin = solution["form"] == "margin"
     scale = cfg.beta if margin else 1.0  # PeCAN: implicit rewards in beta x log-ratio units, as the thresholds
     prompts = load_prompts(cfg, cfg.prompt_dataset, cfg.max_samples)
-    scorer = SampleScorer(cfg.reward, cfg.safety, ref_model=cfg.ref_model, num_actors=cfg.num_actors,
-                          num_gpus_per_actor=cfg.num_gpus_per_actor)  # fmt: skip
-    tok = AutoTokenizer.from_pretrained(cfg.ref_model, trust_remote_code=False)
-    ref_logprob = LogProbGroup(cfg.ref_model, cfg.num_actors, cfg.num_gpus_per_actor)
     thresholds = np.asarray(solution["thresholds"])
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
+        ray.init()
     try:
-        ref_samples = sample(cfg, cfg.ref_model, prompts)
-        ref_scores = scale * scorer(prompts, ref_samples)
-        results = {"reference": {**policy_report(ref_scores, ref_scores, thresholds, margin=margin, logratio=None,
-                                                 predicted=None), "path": cfg.ref_model}}  # fmt: skip
-        for name, path, lam in policies:
-            samples = sample(cfg, path, prompts)
-            group = LogProbGroup(path, cfg.num_actors, cfg.num_gpus_per_actor)
-            logratio = logprobs(group, tok, prompts, samples) - logprobs(ref_logprob, tok, prompts, samples)
-            group.close()
-            lam = lam if lam is not None else solution["lam"]
-            pred = predictions(prep_dir, cfg, lam, margin) if None not in lam else None
-            results[name] = {**policy_report(scale * scorer(prompts, samples), ref_scores, thresholds, margin=margin,
-                                             logratio=logratio, predicted=pred), "path": path}  # fmt: skip
-    except ScoringError as err:
+        stages = stages_of(cfg)
+        check_stages(stages)
+        ref_samples = sample(cfg, cfg.ref_model, prompts, stages)
+        policy_samples = [sample(cfg, path, prompts, stages) for _, path, _ in policies]
+        await_gpus(stages[1], stages)
+        scorer = SampleScorer(cfg.reward, cfg.safety, ref_model=cfg.ref_model, num_actors=cfg.num_actors,
+                              num_gpus_per_actor=cfg.num_gpus_per_actor)  # fmt: skip
+        tok = AutoTokenizer.from_pretrained(cfg.ref_model, trust_remote_code=False)
+        ref_logprob = LogProbGroup(cfg.ref_model, cfg.num_actors, cfg.num_gpus_per_actor)
+        try:
+            ref_scores = scale * scorer(prompts, ref_samples)
+            results = {"reference": {**policy_report(ref_scores, ref_scores, thresholds, margin=margin, logratio=None,
+                                                     predicted=None), "path": cfg.ref_model}}  # fmt: skip
+            for (name, path, lam), samples in zip(policies, policy_samples):
+                group = LogProbGroup(path, cfg.num_actors, cfg.num_gpus_per_actor)
+                logratio = logprobs(group, tok, prompts, samples) - logprobs(ref_logprob, tok, prompts, samples)
+                group.close()
+                lam = lam if lam is not None else solution["lam"]
+                pred = predictions(prep_dir, cfg, lam, margin) if None not in lam else None
+                results[name] = {**policy_report(scale * scorer(prompts, samples), ref_scores, thresholds, margin=margin,
+                                                 logratio=logratio, predicted=pred), "path": path}  # fmt: skip
+        finally:
+            ref_logprob.close()
+            scorer.close()
+    except (ScoringError, PlacementError, SamplingError) as err:
         raise PrepError(str(err)) from err
     finally:
-        ref_logprob.close()
-        scorer.close()
+        if owns_ray:
+            ray.shutdown()
     report = {"prep_dir": str(prep_dir), "thresholds": solution["thresholds"], "beta": cfg.beta, "margin": margin,
               "n_prompts": len(prompts), "n_samples": cfg.n_samples, "policies": results}  # fmt: skip
     frontier = prep_dir / "frontier.json"

@@ -20,6 +20,26 @@ import sys
 from openrlhf_dual.prep import PrepConfig, PrepError, run_prepare
 
 
+VLLM_DEFAULTS = {"num_engines": 1, "tensor_parallel_size": 1, "gpu_memory_utilization": 0.9, "enforce_eager": False,
+                 "enable_prefix_caching": False}  # fmt: skip
+
+
+def add_vllm_flags(p: argparse.ArgumentParser, inherit: bool = False) -> None:
+    """OpenRLHF's --vllm.* engine flags. inherit: no defaults (None: what the prep directory used)."""
+    d = dict.fromkeys(VLLM_DEFAULTS) if inherit else VLLM_DEFAULTS
+    p.add_argument("--vllm.num_engines", type=int, default=d["num_engines"])
+    p.add_argument("--vllm.tensor_parallel_size", type=int, default=d["tensor_parallel_size"])
+    p.add_argument("--vllm.gpu_memory_utilization", type=float, default=d["gpu_memory_utilization"],
+                   help="on vLLM's CPU build: the fraction of RAM it takes (KV cache included)")  # fmt: skip
+    p.add_argument("--vllm.enforce_eager", action="store_true", default=d["enforce_eager"])
+    p.add_argument("--vllm.enable_prefix_caching", action="store_true", default=d["enable_prefix_caching"])
+
+
+def vllm_settings(a: dict) -> dict:
+    """The ReferenceSampler keyword arguments of the --vllm.* flags that were given (not None)."""
+    return {f"vllm_{k}": a[f"vllm.{k}"] for k in VLLM_DEFAULTS if a[f"vllm.{k}"] is not None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="CAN dual-preprocessing: sample, score, solve, label")
     p.add_argument("--ref.model_name_or_path", required=True, help="the reference policy pi_ref (HF path)")
@@ -34,15 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollout.top_p", type=float, default=1.0)
     p.add_argument("--rollout.max_new_tokens", type=int, default=256)
     p.add_argument("--train.seed", type=int, default=42)
-    p.add_argument("--vllm.num_engines", type=int, default=1)
-    p.add_argument("--vllm.tensor_parallel_size", type=int, default=1)
-    p.add_argument("--vllm.gpu_memory_utilization", type=float, default=0.9)
-    p.add_argument("--vllm.enforce_eager", action="store_true")
-    p.add_argument("--vllm.enable_prefix_caching", action="store_true")
+    add_vllm_flags(p)
     p.add_argument("--dual.prep_dir", required=True)
     p.add_argument("--dual.algo", choices=("mocan", "pecan"), default="mocan",
                    help="pecan: sources are pre-aligned policies (policy:PATH), thresholds are margins over pi_ref")
-    p.add_argument("--dual.backend", choices=("hf", "vllm"), default="hf", help="vllm: OpenRLHF's engines (GPU)")
+    p.add_argument("--dual.backend", choices=("hf", "vllm"), default="hf", help="vllm: OpenRLHF's vLLM engines (GPU, or vLLM's CPU build)")
     p.add_argument("--dual.num_actors", type=int, default=1, help="hf generation actors; PeCAN: log-prob actors per model")
     p.add_argument("--dual.num_gpus_per_actor", type=float, default=0.0, help="per sampler/scorer actor")
     p.add_argument("--dual.shard_size", type=int, default=64, help="prompts per resumable shard")
@@ -61,15 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(a: dict) -> PrepConfig:
-    vllm = {}
-    if a["dual.backend"] == "vllm":
-        vllm = {
-            "vllm_num_engines": a["vllm.num_engines"],
-            "vllm_tensor_parallel_size": a["vllm.tensor_parallel_size"],
-            "vllm_gpu_memory_utilization": a["vllm.gpu_memory_utilization"],
-            "vllm_enforce_eager": a["vllm.enforce_eager"],
-            "vllm_enable_prefix_caching": a["vllm.enable_prefix_caching"],
-        }
+    vllm = vllm_settings(a) if a["dual.backend"] == "vllm" else {}
     return PrepConfig(
         prep_dir=a["dual.prep_dir"],
         ref_model=a["ref.model_name_or_path"],

@@ -16,14 +16,16 @@ from openrlhf_dual.launch import torchrun
 DPO_BATCH = 32  # pairs per optimizer step in the demos' DPO runs (--train.batch_size)
 
 
-def build_reference(out: Path, n_prompts: int, seed: int) -> tuple[Path, list[str]]:
+def build_reference(out: Path, n_prompts: int, seed: int, hidden_size: int = 32) -> tuple[Path, list[str]]:
     """The tiny Llama fitted to the toy world, its prompts (also as data/prompts.jsonl) and the
-    toy reward and safety as reward files. Returns (reference dir, raw prompts)."""
+    toy reward and safety as reward files. Returns (reference dir, raw prompts). vLLM's CPU
+    attention needs head_dim >= 32: hidden_size 64 (2 heads) loads there and fits the world as
+    well as the default 32 (at hidden 128, or 64 with one head, the fit misplaces EOS)."""
     from openrlhf_dual.tiny import build_tiny_lm, build_tokenizer
 
     ref_dir = out / "reference"
     tok = build_tokenizer(ref_dir, W.TOPIC_WORDS + [W.RISKY] + list(W.RESPONSE_WORDS))
-    build_tiny_lm(ref_dir, tok, seed=seed)
+    build_tiny_lm(ref_dir, tok, hidden_size=hidden_size, seed=seed)
     prompts = W.make_prompts(n_prompts, seed)
     W.fit_reference(ref_dir, prompts, seed=seed)
     write_jsonl(out / "data" / "prompts.jsonl", [{"input": x} for x in prompts])
