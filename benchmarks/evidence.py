@@ -178,6 +178,7 @@ def main() -> None:
             run([py, "-m", "openrlhf_dual.demo", "--algo", algo, "--out", str(out / algo)])
 
     from openrlhf_dual.artifacts import write_jsonl
+    from openrlhf_dual.launch import torchrun_launcher
     from openrlhf_dual.demo import world as W
 
     trained_on = set(W.make_prompts(32, 0))
@@ -188,7 +189,7 @@ def main() -> None:
         run(["bash", "recipes/lambda_sweep.sh"], env={
             "REF": str(out / "mocan" / "reference"), "PREP": str(out / "mocan" / "prep"), "OUT": str(out / "sweep"),
             "HELDOUT": str(out / "heldout.jsonl"), "HELDOUT_SPLIT": "train", "N_HELDOUT": "24", "K_EVAL": "8",
-            "BETA": "0.5", "LAMBDAS": "0 0.5 star 2", "LAUNCH": f"{py} -m torch.distributed.run --standalone --nproc_per_node 2 -m",
+            "BETA": "0.5", "LAMBDAS": "0 0.5 star 2", "LAUNCH": " ".join([*torchrun_launcher(2), "-m"]),
             "TRAIN_FLAGS": demo_train, "EVAL_FLAGS": "", "PATH": f"{Path(py).parent}:{os.environ['PATH']}",
         })  # fmt: skip
     outputs = {}

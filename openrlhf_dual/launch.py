@@ -4,6 +4,7 @@ OpenRLHF's tensorboard logger wrote. Used by the demo, the tests and the benchma
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,11 +22,25 @@ def cpu_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_launcher(nproc: int) -> list[str]:
+    """`torchrun --nproc_per_node N` with its rendezvous on 127.0.0.1 at a free port: concurrent runs
+    on one machine do not clash on 29500, and no host name has to resolve (`--standalone` hands the
+    ranks this machine's FQDN, which hangs where the host name does not resolve)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port())]  # fmt: skip
+
+
 def torchrun(module: str, args: list[str], *, nproc: int = 2, cwd: str | Path | None = None,
              timeout: float | None = None) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node N -m module args...` with `cpu_env()`; output captured
-    as text. Standalone rendezvous takes a free port, so concurrent runs on one machine do not clash."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", module, *args]
+    """`torchrun_launcher(nproc) -m module args...` with `cpu_env()`; output captured as text."""
+    cmd = [*torchrun_launcher(nproc), "-m", module, *args]
     return subprocess.run(cmd, cwd=cwd, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
 
 

@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import runpy
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ import torch
 
 from conftest import WORDS
 from openrlhf_dual.artifacts import read_jsonl
-from openrlhf_dual.launch import cpu_env
+from openrlhf_dual.launch import cpu_env, free_port
 from openrlhf_dual.scoring import ScoreBatch, build_scorer, parse_source
 
 SAFETY = '''
@@ -191,12 +190,6 @@ def test_reward_file_reproduces_the_scores_lambda_was_solved_on(prep, tiny_model
     for j in range(2):
         np.testing.assert_allclose([g["extra_logs"][f"dual_safety_{j}"].item() for g in got], flat[:, 1 + j], atol=1e-5)
     assert np.ptp(flat[:, 1]) > 0 and np.ptp(flat[:, 2]) > 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

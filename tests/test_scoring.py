@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import torchrun
-from openrlhf_dual.launch import cpu_env
+from openrlhf_dual.launch import cpu_env, free_port
 from openrlhf_dual.scoring import ScoreBatch, build_scorer, parse_source
 
 BATCH = ScoreBatch(
@@ -90,12 +89,6 @@ def test_rm_with_a_renamed_head_fails_loudly(trained_rm, tmp_path):
     save_file(weights, broken / "model.safetensors")
     with pytest.raises(ValueError, match="no reward head 'score.weight'.*value_head"):
         build_scorer(parse_source(f"rm:{broken}"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

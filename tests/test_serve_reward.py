@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import random
 import runpy
-import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ import pytest
 import torch
 
 from conftest import WORDS
-from openrlhf_dual.launch import cpu_env
+from openrlhf_dual.launch import cpu_env, free_port
 from openrlhf_dual.ppo_reward import write_reward_file
 from openrlhf_dual.scoring import ScoreBatch, build_scorer, parse_source
 
@@ -65,12 +64,6 @@ def prep(tiny_model_dir, tmp_path_factory) -> Path:
     (prep / "manifest.json").write_text(json.dumps({"inputs": inputs}))
     (prep / "dual.json").write_text(json.dumps({"lam": [LAM], "form": "model"}))
     return prep
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import pytest
 from openrlhf_dual.artifacts import read_jsonl
 from openrlhf_dual.demo import world as W
 from openrlhf_dual.demo.steps import DPO_BATCH, build_reference, dpo, exact_optimum
-from openrlhf_dual.launch import cpu_env
+from openrlhf_dual.launch import cpu_env, torchrun_launcher
 from vllm_tier import cluster, gpus_free_again  # noqa: F401  (cluster: a fixture)
 
 # a vLLM engine starts in 30 s to minutes on 2 shared cores; module fixtures start several
@@ -182,7 +182,7 @@ def test_lambda_sweep_with_lora_evaluates_merged_checkpoints(resumed_prep, world
         PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", REF=str(world["ref"]), PREP=str(prep),
         HELDOUT=str(out / "data" / "prompts.jsonl"), HELDOUT_SPLIT="train", N_HELDOUT="8", K_EVAL="4",
         OUT=str(tmp_path / "sweep"), BETA=str(BETA), LAMBDAS="star",
-        LAUNCH=f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2 -m",
+        LAUNCH=" ".join([*torchrun_launcher(2), "-m"]),
         TRAIN_FLAGS=f"--ds.zero_stage 2 --ds.attn_implementation eager --ds.param_dtype bf16 --ds.lora.rank 4 "
         f"--ds.lora.alpha 8 --train.micro_batch_size 16 --train.batch_size {DPO_BATCH} --train.max_epochs 1 "
         "--adam.lr 3e-3 --data.max_len 64",
