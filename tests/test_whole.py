@@ -11,7 +11,7 @@ import torch
 from scipy.optimize import brentq
 
 from openrlhf_dual.demo.tree import expand, log_prob_floor
-from openrlhf_dual.demo.whole import Enumeration, exact_multiplier, whole_distribution
+from openrlhf_dual.demo.whole import Enumeration, exact_multiplier, optimum_distribution, whole_distribution
 
 CAP, BETA, LAM = 3, 0.5, 0.8
 
@@ -69,6 +69,19 @@ def test_tree_leaves_and_cuts_hold_all_the_mass_with_exact_log_probs(models):
                 assert abs(direct - t.logp[k, j]) < 1e-4
 
 
+def test_memoised_reference_gives_the_same_tree(models):
+    policy, ref, eos, values, heads = models
+    plain = grow([policy, ref], heads, eos, 1e-3, values)
+    memo: dict = {}
+    for _ in range(2):
+        again = expand([policy, ref], heads, eos, CAP, 1e-3, token_scores=[values] * len(heads), memo=[None, memo])
+        for a, b in zip(plain, again):
+            assert a.nodes == b.nodes and (a.leaf_token == b.leaf_token).all() and (a.cut_node == b.cut_node).all()
+            np.testing.assert_allclose(a.logp, b.logp, atol=1e-5)
+            np.testing.assert_allclose(a.cut_logp, b.cut_logp, atol=1e-5)
+        assert len(memo) == sum(len(t.nodes) for t in plain)  # one entry per expanded prefix, none recomputed
+
+
 def test_bounds_contain_the_exact_whole_distribution_values(models):
     """Full enumeration (eps = 0) computed directly; pruned enumerations must bracket it."""
     policy, ref, eos, values, heads = models
@@ -86,14 +99,15 @@ def test_bounds_contain_the_exact_whole_distribution_values(models):
         e_r.append(q @ e.scores[:, 0])
     truth = {"kl": np.mean(kl), "kl_ref": np.mean(kl_ref), "on": np.mean(on), "g": np.mean(e_g), "opt_r": np.mean(e_r)}
     L = -log_prob_floor(ref)
-    exact = whole_distribution(full, [LAM], BETA, L)
+    exact = whole_distribution(full, optimum_distribution(full, [LAM], BETA), [LAM], BETA, L)
     for got, want in ((exact["kl_to_optimum"], truth["kl"]), (exact["kl_ref_to_optimum"], truth["kl_ref"]),
                       (exact["policy"]["mass_on_set"], truth["on"]), (exact["policy"]["safety"][0], truth["g"]),
                       (exact["optimum"]["reward"], truth["opt_r"])):  # fmt: skip
         np.testing.assert_allclose(got, [want, want], rtol=1e-9, atol=1e-12)  # nothing unseen: no width
     assert truth["kl"] > 0.05 and truth["kl_ref"] > 0.05  # a case with something to measure
     for eps in (1e-3, 3e-2):
-        b = whole_distribution(enumerations(grow([policy, ref], heads, eos, eps, values), values, eos), [LAM], BETA, L)
+        opt = optimum_distribution(enumerations(grow([ref], heads, eos, eps, values), values, eos), [LAM], BETA)
+        b = whole_distribution(enumerations(grow([policy, ref], heads, eos, eps, values), values, eos), opt, [LAM], BETA, L)
         assert b["unseen"]["policy"] > 0 and b["unseen"]["reference"] > 0
         for (lo, hi), want in ((b["kl_to_optimum"], truth["kl"]), (b["kl_ref_to_optimum"], truth["kl_ref"]),
                                (b["policy"]["mass_on_set"], truth["on"]), (b["policy"]["safety"][0], truth["g"]),
@@ -128,4 +142,4 @@ def test_exact_multiplier_meets_the_threshold_on_the_whole_distribution(models):
     b = safety_at(0.0) + 0.5 * (safety_at(5.0) - safety_at(0.0))
     lam = exact_multiplier(enums, [b], BETA)[0]
     assert abs(lam - brentq(lambda x: safety_at(x) - b, 0.0, 5.0, xtol=1e-12)) < 1e-7
-    assert abs(whole_distribution(enums, [lam], BETA, 0.0)["optimum"]["safety"][0][0] - b) < 1e-8
+    assert abs(optimum_distribution(enums, [lam], BETA)["optimum"]["safety"][0][0] - b) < 1e-8

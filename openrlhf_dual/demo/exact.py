@@ -22,9 +22,9 @@ import numpy as np
 
 from openrlhf_dual.demo import world as W
 from openrlhf_dual.demo.tree import expand, log_prob_floor
-from openrlhf_dual.demo.whole import Enumeration, exact_multiplier, whole_distribution
+from openrlhf_dual.demo.whole import Enumeration, exact_multiplier, optimum_distribution, whole_distribution
 
-EPS = 1e-6  # enumeration floor: a prefix is expanded when the policy or the reference gives it more
+EPS = 1e-6  # enumeration floor: a prefix is expanded when the judged policy gives it more
 
 
 def tilt(ref: W.ExactPolicy, logits: np.ndarray) -> W.ExactPolicy:
@@ -75,15 +75,21 @@ class ToyJudge:
         texts = [self.tok.decode([v], skip_special_tokens=True) for v in range(self.ref.config.vocab_size)]
         self.token_scores = [np.array([[W.toy_reward(p, t), W.toy_safety(p, t)] for t in texts]) for p in prompts]
         self.token_log_ratio = -log_prob_floor(self.ref)
+        self._ref_memo: dict = {}
 
         self.reward, self.safety = W.score_table(prompts)
         ref_trees = self._expand([self.ref])
         self.ref_set = self._on_set(ref_trees, 0)
         self.lam_renormalised, self.opt_set = exact_optimum(self.ref_set, self.reward, self.safety, threshold, beta)
-        self.lam = exact_multiplier([self._enumeration(i, t, 0, 0) for i, t in enumerate(ref_trees)], [threshold], beta)
+        ref_enums = [self._enumeration(i, t, 0, 0) for i, t in enumerate(ref_trees)]
+        self.lam = exact_multiplier(ref_enums, [threshold], beta)
+        self.optimum = optimum_distribution(ref_enums, self.lam, beta)  # the reference and pi_lambda*, whole
+        self.reference = self.optimum["reference"]
 
     def _expand(self, models: list) -> list:
-        return expand(models, self.heads, self.eos, self.cap, self.eps, self.keep, self.token_scores)
+        """Trees where models[0] has mass; the reference's next-token log-probs are kept across calls."""
+        memo = [self._ref_memo if m is self.ref else None for m in models]
+        return expand(models, self.heads, self.eos, self.cap, self.eps, self.keep, self.token_scores, memo)
 
     def _set_members(self, tree) -> np.ndarray:
         """[n] index of each leaf in the world's response list, -1 when off the set."""
@@ -111,8 +117,8 @@ class ToyJudge:
         """{"renormalised": ..., "whole": ...} for a causal LM in memory (eval mode, float32)."""
         trees = self._expand([model, self.ref])
         on_set = self._on_set(trees, 0)
-        whole = whole_distribution([self._enumeration(i, t, 0, 1) for i, t in enumerate(trees)], self.lam, self.beta,
-                                   self.token_log_ratio)  # fmt: skip
+        enums = [self._enumeration(i, t, 0, 1) for i, t in enumerate(trees)]
+        whole = whole_distribution(enums, self.optimum, self.lam, self.beta, self.token_log_ratio)
         reference = {"reward": self.ref_set.expect(self.reward), "safety": [self.ref_set.expect(self.safety)]}
         renormalised = {
             "reference": reference,

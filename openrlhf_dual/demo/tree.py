@@ -4,10 +4,11 @@ Generation with a cap of T new tokens returns a finished response (tokens ending
 of them) or an unfinished one (T tokens without EOS). `expand` walks that space for several
 models at once, depth by depth, with one batched forward pass per model, depth and prompt length
 (each new depth feeds one token per prefix on top of its parent's KV cache): a prefix is
-expanded when some model gives it probability above `eps`, or when it is in `keep`. Each child of
-an expanded prefix that ends a response (EOS, or the T-th token) is a leaf with exact
-log-probabilities; any other child below the floor is cut, with its exact log-probabilities,
-so the mass that was not enumerated is known exactly, per model.
+expanded when the FIRST model (the one being judged; the others are only scored) gives it
+probability above `eps`, or when it is in `keep`. Each child of an expanded prefix that ends a
+response (EOS, or the T-th token) is a leaf with exact log-probabilities; any other child below
+the floor is cut, with its exact log-probabilities, so the mass that was not enumerated is known
+exactly, per model.
 
 Scores that are sums over tokens (`token_scores` [V, S] per prompt) are accumulated along the
 paths, for leaves and cut prefixes alike.
@@ -48,10 +49,30 @@ class Tree:
 
 
 def expand(models: list, heads: list[list[int]], eos_id: int, cap: int, eps: float,
-           keep: set[tuple[int, ...]] = frozenset(), token_scores: list[np.ndarray] | None = None) -> list[Tree]:  # fmt: skip
+           keep: set[tuple[int, ...]] = frozenset(), token_scores: list[np.ndarray] | None = None,
+           memo: list[dict | None] | None = None) -> list[Tree]:  # fmt: skip
     """Trees for prompts with token ids `heads` under `models` (causal LMs in eval mode sharing a
-    vocabulary). keep: prefixes always expanded (e.g. every proper prefix of a response set)."""
+    vocabulary). keep: prefixes always expanded (e.g. every proper prefix of a response set).
+    memo[m]: a dict that keeps model m's next-token log-probs by (head, prefix) across calls (for a
+    model judged many times against, like the reference); model m then runs only on prefixes it
+    has not seen, without a KV cache."""
     import torch
+
+    memo = memo or [None] * len(models)
+
+    def next_logps(m: int, inputs, rows: list[tuple[int, ...]], caches: list) -> np.ndarray:
+        """[B, V] log p(next token) of model m for the rows (head + prefix token ids)."""
+        if memo[m] is None:
+            with torch.no_grad():
+                out = models[m](input_ids=inputs, past_key_values=caches[m], use_cache=True, logits_to_keep=1)
+            caches[m] = out.past_key_values
+            return torch.log_softmax(out.logits[:, -1].double(), dim=-1).numpy()
+        todo = sorted({r for r in rows if r not in memo[m]})
+        if todo:
+            with torch.no_grad():
+                logits = models[m](input_ids=torch.tensor(todo), logits_to_keep=1).logits[:, -1].double()
+            memo[m].update(zip(todo, torch.log_softmax(logits, dim=-1).numpy()))
+        return np.stack([memo[m][r] for r in rows])
 
     vocab = models[0].config.vocab_size
     scores = np.stack(token_scores) if token_scores is not None else np.zeros((len(heads), vocab, 0))
@@ -70,18 +91,14 @@ def expand(models: list, heads: list[list[int]], eos_id: int, cap: int, eps: flo
         inputs = torch.tensor([heads[i] for i in members])
         caches = [None] * len(models)
         for depth in range(cap):
-            lp = []
-            for m, model in enumerate(models):
-                with torch.no_grad():
-                    out = model(input_ids=inputs, past_key_values=caches[m], use_cache=True, logits_to_keep=1)
-                caches[m] = out.past_key_values
-                lp.append(torch.log_softmax(out.logits[:, -1].double(), dim=-1).numpy())
+            rows = [(*heads[i], *nodes[i][n]) for i, n in zip(prompt, node)] if any(x is not None for x in memo) else []
+            lp = [next_logps(m, inputs, rows, caches) for m in range(len(models))]
             child = base[:, None, :] + np.stack(lp, axis=-1)  # [B, V, M]
             ends = np.zeros((len(prompt), vocab), dtype=bool)
             ends[:, eos_id] = True
             if depth + 1 == cap:
                 ends[:] = True
-            grow = ~ends & (child.max(axis=-1) > floor)
+            grow = ~ends & (child[..., 0] > floor)
             for b in range(len(prompt)):  # prefixes in keep grow whatever their mass
                 prefix = nodes[prompt[b]][node[b]]
                 if not prefix or prefix in keep:
@@ -101,7 +118,8 @@ def expand(models: list, heads: list[list[int]], eos_id: int, cap: int, eps: flo
             acc = acc[rows] + scores[prompt[rows], toks]
             prompt, node, base = prompt[rows], new_node, child[rows, toks]
             for cache in caches:
-                cache.reorder_cache(torch.as_tensor(rows))
+                if cache is not None:
+                    cache.reorder_cache(torch.as_tensor(rows))
             inputs = torch.as_tensor(toks)[:, None]
     flat = {kind: [np.concatenate(parts) for parts in zip(*chunks)] for kind, chunks in found.items()}
     trees = []

@@ -1,6 +1,9 @@
 """A policy judged on its whole response distribution, from an enumeration that leaves part of the
 mass unseen, with rigorous bounds for that part. Pure numpy, float64, nats.
 
+The reference and the optimum come from the reference's own enumeration (`optimum_distribution`,
+once), the policy from one expanded where the policy has mass (`whole_distribution`).
+
 For each prompt: the policy P, the reference R and the tilted optimum Q = R exp(u / beta) / Z with
 u = r + lam . g and Z = E_R[exp(u / beta)], over ALL responses. An `Enumeration` lists complete
 responses y with log P(y), log R(y), their scores (r, g) and whether y is in the response set, and
@@ -74,81 +77,92 @@ def _tilted_mean(log_zs: float, mean_s: float, log_zres: tuple[float, float], lo
     return np.array([min((1 - s) * mean_s + s * lo for s in shares), max((1 - s) * mean_s + s * hi for s in shares)])
 
 
-def prompt_view(e: Enumeration, lam, beta: float, token_log_ratio: float) -> dict:
-    """Bounds for one prompt; see the module docstring. Values are [lo, hi] arrays ([m, 2] for safety)."""
+def reference_view(e: Enumeration, lam, beta: float) -> dict:
+    """The reference R and the optimum Q on one prompt, from the reference's log-probs in `e`
+    (an enumeration expanded where R has mass): bounds [lo, hi] ([m, 2] for safety) and log Z."""
     lam = np.asarray(lam, dtype=np.float64).reshape(-1)
-    m = len(lam)
-    p, cp = np.exp(e.logp), np.exp(e.cut_logp)
-    q_ref, cr = np.exp(e.logp_ref), np.exp(e.cut_logp_ref)
-    funcs = np.eye(1 + m)  # reward, then each safety
-    c_u = np.concatenate([[1.0], lam])
+    funcs, c_u = np.eye(1 + len(lam)), np.concatenate([[1.0], lam])
+    r, cr = np.exp(e.logp_ref), np.exp(e.cut_logp_ref)
     u = e.scores @ c_u
     u_lo, u_hi = e.cut_bounds(c_u)
-
     x = e.logp_ref + u / beta  # log of R exp(u / beta)
     log_zs = _lse(x)
     log_zres = (_lse(e.cut_logp_ref + u_lo / beta), _lse(e.cut_logp_ref + u_hi / beta))
     log_z = np.array([np.logaddexp(log_zs, z) for z in log_zres])
     w = np.exp(x - log_zs)  # Q on the enumerated part, renormalised to it
 
-    pos = p > 0
-    kl_known = float(np.sum(p[pos] * (e.logp[pos] - e.logp_ref[pos])))
-    kl_cut = float(np.sum(cp * (e.cut_logp - e.cut_logp_ref)))
-    kl_pr = np.array([kl_known + kl_cut, kl_known + kl_cut + float(cp @ e.cut_tokens) * token_log_ratio])
-
-    def per_func(mass, cut_mass):
-        return np.array([_expect(mass, e.scores @ c, cut_mass, *e.cut_bounds(c)) for c in funcs])
-
     def tilted(c):
         lo, hi = e.cut_bounds(c)
         return _tilted_mean(log_zs, w @ (e.scores @ c), log_zres, lo.min() if len(lo) else 0.0, hi.max() if len(hi) else 0.0)
 
-    e_pu = _expect(p, u, cp, u_lo, u_hi)
-    e_ru = _expect(q_ref, u, cr, u_lo, u_hi)
-    e_qu = tilted(c_u)
-    on_p, on_r = float(p[e.on_set].sum()), float(q_ref[e.on_set].sum())
+    ref = np.array([_expect(r, e.scores @ c, cr, *e.cut_bounds(c)) for c in funcs])
+    opt = np.array([tilted(c) for c in funcs])
+    e_ru, e_qu = _expect(r, u, cr, u_lo, u_hi), tilted(c_u)
+    on_r = float(r[e.on_set].sum())
     on_q = float(np.exp(_lse(x[e.on_set]) - log_zs)) if e.on_set.any() else 0.0
     shares = np.exp(log_zs - log_z)  # enumerated share of Q: [at the smallest Z, at the largest]
-    policy, ref = per_func(p, cp), per_func(q_ref, cr)
-    opt = np.array([tilted(c) for c in funcs])
     return {
-        "policy": {"mass_on_set": np.array([on_p, on_p + cp.sum()]), "reward": policy[0], "safety": policy[1:],
-                   "kl": np.maximum(kl_pr, 0.0)},
         "reference": {"mass_on_set": np.array([on_r, on_r + cr.sum()]), "reward": ref[0], "safety": ref[1:]},
         "optimum": {
             "mass_on_set": np.array([on_q * shares[1], on_q * shares[0] + (1 - shares[1])]),
             "reward": opt[0], "safety": opt[1:],
             "kl": np.maximum(np.array([e_qu[0] / beta - log_z[1], e_qu[1] / beta - log_z[0]]), 0.0),
         },
-        "kl_to_optimum": np.maximum(np.array([kl_pr[0] - e_pu[1] / beta + log_z[0], kl_pr[1] - e_pu[0] / beta + log_z[1]]), 0.0),
         "kl_ref_to_optimum": np.maximum(np.array([log_z[0] - e_ru[1] / beta, log_z[1] - e_ru[0] / beta]), 0.0),
-        "unseen": {"policy": float(cp.sum()), "reference": float(cr.sum())},
+        "log_z": log_z,
+        "unseen": float(cr.sum()),
     }  # fmt: skip
 
 
-def whole_distribution(enums: list[Enumeration], lam, beta: float, token_log_ratio: float) -> dict:
-    """Means over prompts of `prompt_view`, as JSON-ready lists: every quantity an interval
-    [lo, hi]; `mass_on_set_min_prompt` (policy) is the smallest per-prompt lower bound and
-    `unseen` the largest per-prompt unseen mass."""
-    views = [prompt_view(e, lam, beta, token_log_ratio) for e in enums]
+def policy_view(e: Enumeration, lam, beta: float, token_log_ratio: float, log_z: np.ndarray) -> dict:
+    """The policy P on one prompt, from an enumeration expanded where P has mass (with R's
+    log-probs on the same responses), against the optimum whose log Z bounds [2] are given."""
+    lam = np.asarray(lam, dtype=np.float64).reshape(-1)
+    funcs, c_u = np.eye(1 + len(lam)), np.concatenate([[1.0], lam])
+    p, cp = np.exp(e.logp), np.exp(e.cut_logp)
+    pos = p > 0
+    kl_known = float(np.sum(p[pos] * (e.logp[pos] - e.logp_ref[pos])))
+    kl_cut = float(np.sum(cp * (e.cut_logp - e.cut_logp_ref)))
+    kl_pr = np.array([kl_known + kl_cut, kl_known + kl_cut + float(cp @ e.cut_tokens) * token_log_ratio])
+    e_pu = _expect(p, e.scores @ c_u, cp, *e.cut_bounds(c_u))
+    stats = np.array([_expect(p, e.scores @ c, cp, *e.cut_bounds(c)) for c in funcs])
+    on_p = float(p[e.on_set].sum())
+    return {
+        "mass_on_set": np.array([on_p, on_p + cp.sum()]), "reward": stats[0], "safety": stats[1:],
+        "kl": np.maximum(kl_pr, 0.0),
+        "kl_to_optimum": np.maximum(np.array([kl_pr[0] - e_pu[1] / beta + log_z[0],
+                                              kl_pr[1] - e_pu[0] / beta + log_z[1]]), 0.0),
+        "unseen": float(cp.sum()),
+    }  # fmt: skip
 
-    def mean(path: tuple[str, ...]):
-        vals = []
-        for v in views:
-            for key in path:
-                v = v[key]
-            vals.append(v)
-        return np.mean(vals, axis=0).tolist()
 
-    out = {
-        part: {key: mean((part, key)) for key in views[0][part]}
-        for part in ("policy", "reference", "optimum")
-    }
-    out["policy"]["mass_on_set_min_prompt"] = float(min(v["policy"]["mass_on_set"][0] for v in views))
-    out["kl_to_optimum"] = mean(("kl_to_optimum",))
-    out["kl_ref_to_optimum"] = mean(("kl_ref_to_optimum",))
-    out["unseen"] = {k: float(max(v["unseen"][k] for v in views)) for k in ("policy", "reference")}
+def _mean(views: list[dict], key: str) -> list:
+    return np.mean([v[key] for v in views], axis=0).tolist()
+
+
+def optimum_distribution(ref_enums: list[Enumeration], lam, beta: float) -> dict:
+    """Means over prompts of `reference_view` (JSON-ready; `log_z` [P, 2] per prompt)."""
+    views = [reference_view(e, lam, beta) for e in ref_enums]
+    out = {part: {k: _mean([v[part] for v in views], k) for k in views[0][part]} for part in ("reference", "optimum")}
+    out["kl_ref_to_optimum"] = _mean(views, "kl_ref_to_optimum")
+    out["log_z"] = [v["log_z"].tolist() for v in views]
+    out["unseen"] = max(v["unseen"] for v in views)
     return out
+
+
+def whole_distribution(enums: list[Enumeration], optimum: dict, lam, beta: float, token_log_ratio: float) -> dict:
+    """A policy over prompts (means of `policy_view`, JSON-ready; every quantity an interval
+    [lo, hi]) against `optimum` (from `optimum_distribution` at the same lam and beta), with
+    `mass_on_set_min_prompt` the smallest per-prompt lower bound and `unseen` the largest
+    per-prompt unseen mass of each side."""
+    views = [policy_view(e, lam, beta, token_log_ratio, np.asarray(z)) for e, z in zip(enums, optimum["log_z"])]
+    policy = {k: _mean(views, k) for k in ("mass_on_set", "reward", "safety", "kl")}
+    policy["mass_on_set_min_prompt"] = float(min(v["mass_on_set"][0] for v in views))
+    return {
+        "policy": policy, "reference": optimum["reference"], "optimum": optimum["optimum"],
+        "kl_to_optimum": _mean(views, "kl_to_optimum"), "kl_ref_to_optimum": optimum["kl_ref_to_optimum"],
+        "unseen": {"policy": max(v["unseen"] for v in views), "reference": optimum["unseen"]},
+    }  # fmt: skip
 
 
 def exact_multiplier(enums: list[Enumeration], thresholds, beta: float) -> np.ndarray:
