@@ -156,8 +156,8 @@ def test_sample_dataset_weights_exact_token_ids(tiny_model_dir, tmp_path, form):
 
 SFT_FLAGS = [
     "--data.max_len", "64", "--ds.attn_implementation", "eager", "--ds.zero_stage", "2",
-    "--train.micro_batch_size", "8", "--train.batch_size", "16", "--train.max_epochs", "3",
-    "--adam.lr", "3e-3", "--logger.logging_steps", "1",
+    "--train.micro_batch_size", "8", "--train.batch_size", "16", "--train.max_epochs", "4",
+    "--adam.lr", "1e-2", "--logger.logging_steps", "1",
 ]  # fmt: skip
 
 
@@ -180,25 +180,32 @@ def test_weighted_likelihood_launch_ways(module, extra, favoured, tiny_model_dir
     torchrun(module, ["--model.model_name_or_path", str(tiny_model_dir), "--ckpt.output_dir", str(tmp_path / "ckpt"),
                       "--logger.tensorboard_dir", str(tb), *SFT_FLAGS, "--dual.algo", "mocan", "--dual.prep_dir",
                       str(prep), *extra], cwd=tmp_path)  # fmt: skip
-    steps = 3 * 64 // 16
+    steps = 4 * 64 // 16
     assert tensorboard_scalars(tb, "train/lambda_0") == pytest.approx([0.0 if extra else 1.5] * steps)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
     head = tok("user : w3 w4 assistant : ", add_special_tokens=False)["input_ids"]
 
-    def logp(text, eos):
-        ids = head + tok(text, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if eos else [])
-        with torch.no_grad():
-            lp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), -1)
-        return lp[len(head) - 1 :].gather(-1, torch.tensor(ids[len(head) :])[:, None]).sum().item()
+    def logps(model_dir) -> dict:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        out = {}
+        for text in ("good fine", "kind kind", "bad harm"):
+            ids = head + tok(text, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if text != "bad harm" else [])
+            with torch.no_grad():
+                lp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), -1)
+            out[text] = lp[len(head) - 1 :].gather(-1, torch.tensor(ids[len(head) :])[:, None]).sum().item()
+        return out
 
-    probs = {t: np.exp(logp(t, t != "bad harm")) for t in ("good fine", "kind kind", "bad harm")}
-    assert max(probs, key=probs.get) == favoured, probs
-    assert sum(probs.values()) > 0.8, probs  # the mass stays on the samples' support
+    before, after = logps(tiny_model_dir), logps(tmp_path / "ckpt")
+    gain = {t: after[t] - before[t] for t in before}
+    assert max(gain, key=gain.get) == favoured, gain  # the largest weight gains the most
+    # mass moves onto the samples' support (as generated: "bad harm" unfinished, without EOS)
+    assert np.logaddexp.reduce(list(after.values())) > np.logaddexp.reduce(list(before.values())) + np.log(100)
 
 
 @pytest.mark.slow
 def test_dpo_anchor_launch(tiny_model_dir, tmp_path):
-    """--dual.anchor through the stock launcher: the anchor's loss is logged and falls."""
+    """--dual.anchor through the stock launcher: the anchor's loss is logged and falls. Here it is
+    -log pi(rejected) (weights ~ (0, 2): lambda = 2 makes every "rejected" response the dual's
+    favourite), so it falls by the log-likelihood the favoured responses gain."""
     from test_trainer import TRAIN_FLAGS, write_prep_dir
 
     prep = write_prep_dir(tmp_path / "prep", lam=2.0)
@@ -208,7 +215,7 @@ def test_dpo_anchor_launch(tiny_model_dir, tmp_path):
                                              "--dual.algo", "mocan", "--dual.prep_dir", str(prep),
                                              "--dual.anchor", "0.5"], cwd=tmp_path)  # fmt: skip
     anchor = tensorboard_scalars(tb, "train/anchor_loss")
-    assert len(anchor) == 16 and anchor[-1] < 0.5 * anchor[0], anchor
+    assert len(anchor) == 16 and anchor[-1] < anchor[0] - 1.0, anchor
 
 
 def test_pseudo_preference_dataset_carries_anchor_weights(tiny_model_dir, tmp_path):
