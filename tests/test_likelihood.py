@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from conftest import WORDS, tensorboard_scalars, torchrun
+from conftest import tensorboard_scalars, torchrun
 from openrlhf_dual.labels import pair_labels, sample_weights
 from openrlhf_dual.trainer import DualConfig, pair_anchor_weights, pseudo_preference_loss, weighted_likelihood_loss
 
@@ -142,7 +142,7 @@ def test_sample_dataset_weights_exact_token_ids(tiny_model_dir, tmp_path, form):
     batch = ds.collate_fn([ds[i] for i in range(10)])
     for row in range(10):
         ids, mask, loss_mask = (x[row] for x in batch)
-        head = tok(f"user : w0 w1 assistant : ", add_special_tokens=False)["input_ids"]
+        head = tok("user : w0 w1 assistant : ", add_special_tokens=False)["input_ids"]
         resp = samples[0][row]["token_ids"] if row < 8 else samples[1][row - 8]["token_ids"]
         n = int(mask.sum())
         assert ids[len(head) : n].tolist() == resp  # as generated: no EOS added to the unfinished ones
