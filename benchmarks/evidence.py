@@ -2,11 +2,13 @@
 
     python benchmarks/evidence.py [--out evidence_out]
 
-1. the MoCAN and PeCAN demos on the toy world (exact optimum known);
-2. a lambda sweep with recipes/lambda_sweep.sh on the MoCAN demo's prep directory, evaluated on
-   held-out toy prompts by `openrlhf_dual.cli.evaluate` (one picture);
+1. the MoCAN demo with its default primal step (weighted likelihood) and with the paper's DPO, and
+   the PeCAN demo (default primal step), on the toy world (exact optimum known; every number on
+   the whole response distribution, the renormalised KL beside it);
+2. a lambda sweep with recipes/lambda_sweep.sh (default primal step) on the MoCAN demo's prep
+   directory, evaluated on held-out toy prompts by `openrlhf_dual.cli.evaluate` (one picture);
 3. benchmarks/primal_dual.py (CAN against a tuned primal-dual baseline, multiplier trajectory);
-4. benchmarks/dual_solver.py and benchmarks/logprob.py;
+4. benchmarks/trainer_overhead.py, benchmarks/dual_solver.py and benchmarks/logprob.py;
 5. mutation/summary.json as `make mutation` last wrote it (not rerun: `--mutation-only` refreshes
    just that paragraph of README.md).
 Pictures go to docs/evidence/, numbers into README.md between the evidence markers. Takes about
@@ -24,6 +26,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from openrlhf_dual.demo.steps import EPOCHS, LIKELIHOOD_BATCH, LIKELIHOOD_LR  # noqa: E402
+
 START, END = "<!-- evidence:start -->", "<!-- evidence:end -->"
 MUT_START, MUT_END = "<!-- mutation:start -->", "<!-- mutation:end -->"
 
@@ -39,11 +44,24 @@ def run(cmd: list[str], env: dict | None = None) -> str:
     return proc.stdout
 
 
+DEMOS = {  # name: (demo flags, README label)
+    "mocan": (["--algo", "mocan"], "MoCAN, weighted likelihood (default)"),
+    "mocan-dpo": (["--algo", "mocan", "--objective", "dpo"], "MoCAN, paper's DPO"),
+    "pecan": (["--algo", "pecan"], "PeCAN, weighted likelihood (default)"),
+}
+
+
 def demo_row(name: str, r: dict) -> str:
-    b, ref, got, opt = r["threshold"], r["reference"]["safety"][0], r["achieved"]["safety"][0], r["optimum"]["safety"][0]
-    return (f"| {name} | {b:+.2f} | {ref:+.3f} | {got:+.3f} | {opt:+.3f} | {r['lambda'][0]:.3f} / "
-            f"{r['optimum']['lambda'][0]:.3f} | {r['achieved']['reward']:+.3f} / {r['optimum']['reward']:+.3f} | "
-            f"{r['kl_to_optimum']:.4f} / {r['kl_ref_to_optimum']:.3f} | {r['seconds']:.0f} s |")  # fmt: skip
+    """One demo on the whole distribution: conservative bounds (safety: lower; KL(trained || opt):
+    upper; KL(ref || opt): lower), midpoints where the bounds are tight, the renormalised KL beside."""
+    w = r["whole"]
+    got, opt, ref = w["achieved"], w["optimum"], w["reference"]
+    mid = lambda x: sum(x) / 2  # noqa: E731
+    return (f"| {name} | {r['threshold']:+.2f} | {mid(ref['safety'][0]):+.3f} | {got['safety'][0][0]:+.3f} | "
+            f"{mid(opt['safety'][0]):+.3f} | {r['lambda'][0]:.3f} / {opt['lambda'][0]:.3f} | {mid(got['reward']):+.3f} / "
+            f"{mid(opt['reward']):+.3f} | {got['mass_on_set'][0]:.1%} / {mid(opt['mass_on_set']):.1%} | "
+            f"{w['kl_to_optimum'][1]:.4f} / {w['kl_ref_to_optimum'][0]:.3f} | {r['renormalised']['kl_to_optimum']:.4f} | "
+            f"{r['seconds']:.0f} s |")  # fmt: skip
 
 
 def pd_headline(pd: dict) -> str:
@@ -71,7 +89,7 @@ def pd_headline(pd: dict) -> str:
                  f"({first['best']}; it ends its run at E[g] = {end:.3f}, tolerance {pd['floor']:.3f}). ")  # fmt: skip
     else:
         text += "never came for the baseline. "
-    return (text + f"To within 0.15 KL(ref || optimum) of the optimum and staying there, {versus('optimum')}; "
+    return (text + f"To within 0.05 KL(ref || optimum) of the optimum and staying there, {versus('optimum')}; "
             f"to CAN's final distance to the optimum, {versus('CAN final')}.")
 
 
@@ -96,40 +114,48 @@ one). Killed / non-equivalent per module: {per}.
 def section(out: Path, outputs: dict) -> str:
     from openrlhf_dual.evaluation import markdown
 
-    mocan = json.loads((out / "mocan" / "report.json").read_text())
-    pecan = json.loads((out / "pecan" / "report.json").read_text())
-    pre = pecan["pre_alignment"]
+    reports = {name: json.loads((out / name / "report.json").read_text()) for name in DEMOS}
+    pre = reports["pecan"]["renormalised"]["pre_alignment"]
     sweep = json.loads((out / "sweep" / "eval" / "report.json").read_text())
     sweep_md = markdown(sweep, root=ROOT).split("\n", 2)[2]  # paths relative to the repository
     pd = json.loads((out / "primal_dual" / "primal_dual.json").read_text())
     printout = outputs["primal_dual"][outputs["primal_dual"].index("toy world") :].splitlines()
     pd_table = "\n".join(line for line in printout if not line.startswith("wrote "))
+    rows = "\n".join(demo_row(label, reports[name]) for name, (_, label) in DEMOS.items())
+    dpo = reports["mocan-dpo"]["whole"]
     return f"""{START}
 ## Does it work?
 
 Generated by `make evidence` (benchmarks/evidence.py) on this machine: 2 CPU cores, no GPU. The
 toy world (openrlhf_dual/demo/world.py) is small enough to enumerate, so the constrained optimum
-and every trained policy are evaluated exactly.
+and every trained policy are evaluated exactly, on the **whole** response distribution: every
+response up to the generation cap (the world's 3 words and EOS), on the world's 64 responses or
+not, scored by the world's own functions, with pi_lambda* and lambda* defined over the same space
+(openrlhf_dual/demo/exact.py; the part of the tree below probability 1e-6 is bounded, not
+ignored: safety is the lower bound, KL(trained‖opt) the upper bound, KL(ref‖opt) the lower one).
 
 **One-shot alignment lands on the constrained optimum** (demos, default settings: 32 prompts,
-K = 128, beta = 0.5, 3 epochs of OpenRLHF's DPO trainer, 2 ranks ZeRO-2):
+K = 128, beta = 0.5, OpenRLHF's trainers under torchrun, 2 ranks ZeRO-2; weighted likelihood:
+{EPOCHS['likelihood']} epochs of OpenRLHF's SFT trainer on prepare's samples; paper's DPO: {EPOCHS['dpo']} epochs of its DPO trainer):
 
-| demo | threshold b | reference safety | achieved | exact optimum | lambda (samples / exact) | reward (achieved / optimum) | KL(trained‖opt) / KL(ref‖opt) | wall |
-|---|---|---|---|---|---|---|---|---|
-{demo_row("MoCAN", mocan)}
-{demo_row("PeCAN", pecan)}
+| demo | threshold b | reference safety | achieved (lower bound) | exact optimum | lambda (samples / exact) | reward (achieved / optimum) | mass on the 64 responses (trained / optimum) | KL(trained‖opt) / KL(ref‖opt), whole | KL(trained‖opt) renormalised | wall |
+|---|---|---|---|---|---|---|---|---|---|---|
+{rows}
 
-PeCAN starts from preference data only (two pre-alignment DPO runs). Of its remaining gap,
-pre-alignment accounts for KL {pre['kl_exact_target_to_optimum']:.4f} (PeCAN's exact answer on the
-pre-aligned models' implicit rewards, against the optimum; its safety {pre['exact_target']['safety'][0]:+.3f}),
-the rest (sampling, dual, training) for KL {pre['kl_trained_to_exact_target']:.4f} against that answer.
+The paper's DPO matches pi_lambda*'s ratios within the world's 64 responses (the renormalised KL)
+but not the mass: it put {1 - dpo['achieved']['mass_on_set'][0]:.1%} of its mass on other responses (worst prompt
+{1 - dpo['achieved']['mass_on_set_min_prompt']:.1%}), which DPO's loss, a function of log-ratio differences within pairs, cannot
+see. PeCAN starts from preference data only (two pre-alignment DPO runs). On the 64 responses,
+pre-alignment accounts for KL {pre['kl_exact_target_to_optimum']:.4f} of its gap (PeCAN's exact answer on the pre-aligned
+models' implicit rewards, against the optimum; its safety {pre['exact_target']['safety'][0]:+.3f}), the rest
+(sampling, dual, training) for KL {pre['kl_trained_to_exact_target']:.4f} against that answer.
 
 ![MoCAN frontier](docs/evidence/frontier.png)
 
 **CAN against primal-dual** (benchmarks/primal_dual.py, side by side in one run; a Lagrangian
 policy-gradient baseline in the style of Safe-RLHF's PPO-Lagrangian on the same tiny reference,
-tuned over {len(pd['baseline'])} settings; CAN's DPO run checkpointed every 3 optimizer steps; every point
-evaluated exactly). {pd_headline(pd)}
+tuned over {len(pd['baseline'])} settings; CAN's training checkpointed every 4 optimizer steps; every point
+evaluated exactly on the whole distribution). {pd_headline(pd)}
 
 ```
 {pd_table}
@@ -137,12 +163,19 @@ evaluated exactly). {pd_headline(pd)}
 
 ![multiplier trajectory](docs/evidence/multiplier.png)
 
-**A lambda sweep, evaluated** (recipes/lambda_sweep.sh: one prepare, one MoCAN run per lambda, one
-`openrlhf_dual.cli.evaluate` on held-out toy prompts; 95% intervals over prompts):
+**A lambda sweep, evaluated** (recipes/lambda_sweep.sh with the default primal step: one prepare,
+one run per lambda, one `openrlhf_dual.cli.evaluate` on held-out toy prompts, which samples the
+policies, so it sees every response; 95% intervals over prompts):
 
 {sweep_md.strip()}
 
 ![lambda sweep on the helpfulness/safety plane](docs/evidence/sweep_plane.png)
+
+**Training cost per step** (benchmarks/trainer_overhead.py, each objective against stock DPO):
+
+```
+{outputs['trainer_overhead'].strip()}
+```
 
 **The dual step is cheap and right** (benchmarks/dual_solver.py; our Newton solver against SciPy's
 L-BFGS-B and the authors' projected gradient descent):
@@ -173,9 +206,9 @@ def main() -> None:
         return
     out = (ROOT / a.out).resolve()
     py = sys.executable
-    for algo in ("mocan", "pecan"):
-        if not (out / algo / "report.json").exists():
-            run([py, "-m", "openrlhf_dual.demo", "--algo", algo, "--out", str(out / algo)])
+    for name, (flags, _) in DEMOS.items():
+        if not (out / name / "report.json").exists():
+            run([py, "-m", "openrlhf_dual.demo", *flags, "--out", str(out / name)])
 
     from openrlhf_dual.artifacts import write_jsonl
     from openrlhf_dual.launch import torchrun_launcher
@@ -183,17 +216,18 @@ def main() -> None:
 
     trained_on = set(W.make_prompts(32, 0))
     write_jsonl(out / "heldout.jsonl", [{"input": x} for x in W.make_prompts(60, 99) if x not in trained_on][:24])
-    demo_train = ("--ds.zero_stage 2 --ds.attn_implementation eager --ds.param_dtype bf16 --train.micro_batch_size 16 "
-                  "--train.batch_size 32 --train.max_epochs 3 --adam.lr 3e-3 --lr_warmup_ratio 0.05 --data.max_len 64")  # fmt: skip
+    demo_train = (f"--ds.zero_stage 2 --ds.attn_implementation eager --ds.param_dtype bf16 --train.micro_batch_size "
+                  f"{LIKELIHOOD_BATCH // 2} --train.batch_size {LIKELIHOOD_BATCH} --train.max_epochs {EPOCHS['likelihood']} "
+                  f"--adam.lr {LIKELIHOOD_LR} --lr_warmup_ratio 0.05 --data.max_len 64")  # the demo's primal step
     if not (out / "sweep" / "eval" / "report.md").exists():
         run(["bash", "recipes/lambda_sweep.sh"], env={
             "REF": str(out / "mocan" / "reference"), "PREP": str(out / "mocan" / "prep"), "OUT": str(out / "sweep"),
             "HELDOUT": str(out / "heldout.jsonl"), "HELDOUT_SPLIT": "train", "N_HELDOUT": "24", "K_EVAL": "8",
-            "BETA": "0.5", "LAMBDAS": "0 0.5 star 2", "LAUNCH": " ".join([*torchrun_launcher(2), "-m"]),
+            "BETA": "0.5", "LAMBDAS": "0 0.5 star 2", "OBJECTIVE": "likelihood", "LAUNCH": " ".join([*torchrun_launcher(2), "-m"]),
             "TRAIN_FLAGS": demo_train, "EVAL_FLAGS": "", "PATH": f"{Path(py).parent}:{os.environ['PATH']}",
         })  # fmt: skip
     outputs = {}
-    for name in ("primal_dual", "dual_solver", "logprob"):
+    for name in ("primal_dual", "trainer_overhead", "dual_solver", "logprob"):
         log = out / f"{name}.txt"  # the benchmark's printout, kept for a resumed run
         if not log.exists():
             extra = ["--out", str(out / "primal_dual")] if name == "primal_dual" else []

@@ -60,3 +60,24 @@ def pair_labels(
     if hard:
         probs = (np.random.default_rng(seed).random(len(probs)) < probs).astype(np.float64)
     return probs
+
+
+def sample_weights(reward: np.ndarray, safety: np.ndarray, lam: np.ndarray, beta: float) -> np.ndarray:
+    """Self-normalised dual weights of each prompt's K samples of pi_ref, scaled to mean 1 per
+    prompt: K softmax_k((r + lam . g) / beta). reward [N, K], safety [N, K, m] in reward units
+    (PeCAN: beta s_r, beta s_g), lam [m] -> [N, K] float64. Maximising sum_k w_k log pi(y_k) over
+    pi has pi_lambda = pi_ref exp((r + lam . g) / beta) / Z as its population optimum (K -> inf:
+    the expected weight of y is pi_lambda(y) / pi_ref(y)); at finite K the self-normalised
+    weights carry the O(1/K) bias of the dual's own predictions."""
+    from openrlhf_dual.dual.objective import log_weights
+
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    reward = np.asarray(reward, dtype=np.float64)
+    safety = np.asarray(safety, dtype=np.float64).reshape(*reward.shape, -1)
+    lam = np.asarray(lam, dtype=np.float64).reshape(-1)
+    if safety.shape[2] != lam.shape[0]:
+        raise ValueError(f"safety has {safety.shape[2]} constraints per response but lambda has {lam.shape[0]}")
+    if not (np.all(np.isfinite(reward)) and np.all(np.isfinite(safety))):
+        raise ValueError("non-finite scores: weights need every sample's reward and safety")
+    return reward.shape[1] * np.exp(log_weights(reward, safety, lam, beta)[0])

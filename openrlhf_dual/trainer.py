@@ -3,6 +3,13 @@
 The smallest subclasses of OpenRLHF's `RewardDataset` (carries a per-pair label) and `DPOTrainer`
 (soft-label loss and label diagnostics). Everything else (ZeRO, LoRA, 4-bit, checkpointing,
 resume, loggers) is OpenRLHF's own.
+
+DPO's loss sees only log-ratio differences within pairs, so it pins pi_lambda's ratios on the
+pairs' support and nothing else: mass can leave that support at no cost. `anchor` > 0 adds
+anchor x the dual-weighted likelihood of both responses of every pair (weights self-normalised
+over each prompt's pair responses, labels.sample_weights), whose population optimum is also
+pi_lambda, absolute mass included (for pairs drawn from pi_ref; pairs of identical responses,
+dropped by prepare, are missing from it). openrlhf_dual.likelihood trains on that likelihood alone.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import torch.nn.functional as F
 from openrlhf.datasets import RewardDataset
 from openrlhf.trainer.dpo_trainer import DPOTrainer
 
-from openrlhf_dual.labels import pair_labels
+from openrlhf_dual.labels import combined_reward, pair_labels, sample_weights
 
 SCORE_COLUMNS = ("chosen_reward", "chosen_safety", "rejected_reward", "rejected_safety")
 
@@ -32,6 +39,7 @@ class DualConfig:
     lam: tuple[float, ...] | None = None  # overrides the solved lambda*
     hard_labels: bool = False
     label_seed: int = 0
+    anchor: float = 0.0  # coefficient of the dual-weighted likelihood added to DPO's loss
 
     def solution(self) -> dict:
         path = Path(self.prep_dir) / "dual.json"
@@ -72,16 +80,42 @@ def pseudo_preference_loss(
     return losses.mean(), chosen_rewards, rejected_rewards
 
 
-class PromptLength(int):
-    """A DPO prompt length, as OpenRLHF's trainer slices with it, that also carries the pair's label."""
+def weighted_likelihood_loss(logps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """-mean_b w_b log pi(y_b | x_b). logps [B]: sequence log-probs summed over response tokens;
+    weights [B] >= 0, the dual's self-normalised weights (labels.sample_weights, mean 1 per prompt)."""
+    return -(weights * logps).mean()
 
-    def __new__(cls, length: int, label: float):
+
+class PromptLength(int):
+    """A DPO prompt length, as OpenRLHF's trainer slices with it, that also carries the pair's label
+    and the anchor weights of its chosen and rejected responses."""
+
+    def __new__(cls, length: int, label: float, weights: tuple[float, float] = (0.0, 0.0)):
         obj = super().__new__(cls, int(length))
         obj.label = float(label)
+        obj.weights = (float(weights[0]), float(weights[1]))
         return obj
 
     def __getnewargs__(self):
-        return int(self), self.label
+        return int(self), self.label, self.weights
+
+
+def pair_anchor_weights(rows: dict, lam: np.ndarray, beta: float) -> np.ndarray:
+    """[n, 2] dual weights of each pair's chosen and rejected response, self-normalised over the
+    responses of all pairs of the same prompt (prompt_id, else the prompt text), mean 1 there."""
+    u = np.stack([
+        combined_reward(np.asarray(rows[f"{side}_reward"]), np.asarray(rows[f"{side}_safety"]), lam)
+        for side in ("chosen", "rejected")
+    ], axis=1)  # fmt: skip
+    groups = rows["prompt_id"] if "prompt_id" in rows else rows["prompt"]
+    weights = np.zeros_like(u)
+    index: dict = {}
+    for i, key in enumerate(groups):
+        index.setdefault(key, []).append(i)
+    for members in index.values():
+        scores = u[members].reshape(1, -1)
+        weights[members] = sample_weights(scores, np.zeros((1, scores.shape[1], 1)), np.zeros(1), beta).reshape(-1, 2)
+    return weights
 
 
 class PseudoPreferenceDataset(RewardDataset):
@@ -116,16 +150,22 @@ class PseudoPreferenceDataset(RewardDataset):
             seed=dual.label_seed,
         )
         dataset = dataset.add_column("dual_label", labels.tolist())
+        anchor = np.zeros((len(labels), 2))
+        if dual.anchor > 0:
+            cols = ["chosen_reward", "chosen_safety", "rejected_reward", "rejected_safety", "prompt"]
+            cols += ["prompt_id"] if "prompt_id" in dataset.column_names else []
+            anchor = pair_anchor_weights({c: dataset[c] for c in cols}, lam, beta_dual)
+        dataset = dataset.add_column("dual_anchor", anchor.tolist())
         super().__init__(dataset, tokenizer, max_length, strategy, input_template=input_template, is_dpo=True, **kwargs)
 
     def process_data(self, data):
         out = super().process_data(data)
-        out["extra"] = [out["extra"], data["dual_label"]]
+        out["extra"] = [out["extra"], data["dual_label"], *data["dual_anchor"]]
         return out
 
     def __getitem__(self, idx):
-        *tensors, (prompt_len, label) = super().__getitem__(idx)
-        return (*tensors, PromptLength(prompt_len, label))
+        *tensors, (prompt_len, label, anchor_chosen, anchor_rejected) = super().__getitem__(idx)
+        return (*tensors, PromptLength(prompt_len, label, (anchor_chosen, anchor_rejected)))
 
 
 class MoCANTrainer(DPOTrainer):
@@ -136,18 +176,26 @@ class MoCANTrainer(DPOTrainer):
         if self.args.model.ipo_enable:
             raise ValueError("--model.ipo_enable has no pseudo-preference form; drop it with --dual.algo")
         self.lam, _ = dual.multiplier()
+        self.anchor = dual.anchor
         self.loss_fn = self._loss
         self._labels = None
+        self._anchor_weights = None
         self._label_logs = {}
 
     def concatenated_forward(self, model, chosen_ids, c_mask, reject_ids, r_mask, prompt_id_lens):
-        self._labels = torch.tensor([p.label for p in prompt_id_lens], dtype=torch.float32, device=chosen_ids.device)
+        device = chosen_ids.device
+        self._labels = torch.tensor([p.label for p in prompt_id_lens], dtype=torch.float32, device=device)
+        self._anchor_weights = torch.tensor([p.weights for p in prompt_id_lens], dtype=torch.float32, device=device)
         return super().concatenated_forward(model, chosen_ids, c_mask, reject_ids, r_mask, prompt_id_lens)
 
     def _loss(self, policy_chosen, policy_rejected, reference_chosen, reference_rejected):
         loss, chosen_rewards, rejected_rewards = pseudo_preference_loss(
             policy_chosen, policy_rejected, reference_chosen, reference_rejected, self._labels, self.beta
         )
+        if self.anchor > 0:
+            both = torch.stack([policy_chosen, policy_rejected], dim=1)
+            anchor = weighted_likelihood_loss(both.reshape(-1), self._anchor_weights.to(both.dtype).reshape(-1))
+            loss = loss + self.anchor * anchor
         p = self._labels.double().clamp(1e-12, 1 - 1e-12)
         prefers_chosen = (chosen_rewards > rejected_rewards).double()
         self._label_logs = {
@@ -155,6 +203,8 @@ class MoCANTrainer(DPOTrainer):
             "label_entropy": (-(p * p.log() + (1 - p) * (1 - p).log())).mean().item(),
             "label_agreement": (prefers_chosen * p + (1 - prefers_chosen) * (1 - p)).mean().item(),
         }
+        if self.anchor > 0:
+            self._label_logs["anchor_loss"] = anchor.item()
         return loss, chosen_rewards, rejected_rewards
 
     def save_logs_and_checkpoints(self, args, global_step, step_bar, logs_dict=None, client_states=None):

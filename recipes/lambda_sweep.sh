@@ -17,20 +17,24 @@ BETA=${BETA:-0.1}
 # multipliers to train at; "star" is the prep directory's lambda*
 LAMBDAS=${LAMBDAS:-"0 0.25 0.5 star 1.5"}
 GPUS=${GPUS:-8}                              # one node; evaluate samples with prepare's vLLM engines
+# the primal step: likelihood (dual-weighted likelihood of prepare's samples, OpenRLHF's SFT trainer) or dpo (the paper's)
+OBJECTIVE=${OBJECTIVE:-likelihood}
 LAUNCH=${LAUNCH:-"deepspeed --module"}       # CPU: "torchrun --nproc_per_node 2 -m"
 TRAIN_FLAGS=${TRAIN_FLAGS:-"--ds.zero_stage 2 --ds.param_dtype bf16 --ds.load_in_4bit --ds.lora.rank 8 --ds.lora.alpha 16 \
 --train.micro_batch_size 4 --train.batch_size 64 --train.max_epochs 3 --adam.lr 5e-4 --data.max_len 1024"}
 EVAL_FLAGS=${EVAL_FLAGS-"--dual.backend vllm --dual.num_gpus_per_actor 1"}   # set it empty for HF on CPU
 # --------------------------------------------------------------------------------------------
 
+if [ "$OBJECTIVE" = dpo ]; then TRAINER=(openrlhf_dual.cli.train_dpo --model.beta "$BETA"); else TRAINER=(openrlhf_dual.cli.train_sft); fi
 POLICIES=()
 for LAM in $LAMBDAS; do
   if [ "$LAM" = star ]; then LAM_FLAG=(); NAME=lambda-star; LAM_SPEC="";
   else LAM_FLAG=(--dual.lambda "$LAM"); NAME="lambda-$LAM"; LAM_SPEC=":$LAM"; fi
   CKPT="$OUT/$NAME"
-  if [ ! -f "$OUT/$NAME/config.json" ]; then  # a finished run is kept: rerunning the sweep resumes it
-    $LAUNCH openrlhf_dual.cli.train_dpo \
-       --model.model_name_or_path "$REF" --model.beta "$BETA" $TRAIN_FLAGS \
+  # a finished run (full weights, or a LoRA adapter) is kept: rerunning the sweep resumes it
+  if [ ! -f "$OUT/$NAME/config.json" ] && [ ! -f "$OUT/$NAME/adapter_config.json" ]; then
+    $LAUNCH "${TRAINER[@]}" \
+       --model.model_name_or_path "$REF" $TRAIN_FLAGS \
        --ckpt.output_dir "$OUT/$NAME" --logger.logging_steps 1 --logger.tensorboard_dir "$OUT/tensorboard/$NAME" \
        --dual.algo mocan --dual.prep_dir "$PREP" "${LAM_FLAG[@]}"
   fi

@@ -1,5 +1,6 @@
-"""The embedded default end to end: MoCAN on the toy world lands on the exact constrained optimum,
-and the evaluate step's estimates agree with the world's exact enumeration."""
+"""The embedded default end to end: MoCAN on the toy world lands on the exact constrained optimum
+over the WHOLE response distribution (every response up to the generation cap, not only the
+world's 64), and the evaluate step's estimates agree with the world's exact enumeration."""
 
 from __future__ import annotations
 
@@ -14,49 +15,115 @@ import pytest
 from openrlhf_dual.artifacts import write_jsonl
 from openrlhf_dual.launch import cpu_env
 
-KEYS = {"threshold", "beta", "lambda", "reference", "reachable_safety", "predicted", "optimum", "achieved",
-        "kl_to_optimum", "kl_ref_to_optimum"}  # fmt: skip
+SETTINGS = [(0, 0.5), (1, 1.0), (2, 0.0)]  # the default, then two other seeds and thresholds
 
 
-def run_demo(out: Path, seed: int, threshold: float) -> str:
+def run_demo(out: Path, seed: int, threshold: float, *extra: str) -> str:
     proc = subprocess.run(
         [sys.executable, "-m", "openrlhf_dual.demo", "--out", str(out), "--seed", str(seed),
-         "--dual.threshold", str(threshold)],
-        env=cpu_env(), capture_output=True, text=True, timeout=600,
+         "--dual.threshold", str(threshold), *extra],
+        env=cpu_env(), capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
 
 @pytest.fixture(scope="module")
-def demo_seed1(tmp_path_factory) -> tuple[Path, str]:
-    out = tmp_path_factory.mktemp("demo") / "seed1"
-    return out, run_demo(out, 1, 1.0)
+def demos(tmp_path_factory) -> dict:
+    """Demo outputs by (seed, threshold), run on first use."""
+    root, done = tmp_path_factory.mktemp("demo"), {}
+
+    def get(seed: int, threshold: float) -> tuple[Path, str]:
+        if (seed, threshold) not in done:
+            out = root / f"seed{seed}"
+            done[seed, threshold] = out, run_demo(out, seed, threshold)
+        return done[seed, threshold]
+
+    return get
+
+
+def assert_lands_on_the_optimum(report: dict, threshold: float) -> None:
+    """The acceptance, on the whole distribution: on-set mass within 1 point of the optimum's,
+    KL(trained || optimum) <= 0.05 KL(reference || optimum) (upper bound against lower bound),
+    violation <= 10% of the gap b - E_ref[g] (lower bound of the achieved safety)."""
+    w = report["whole"]
+    got, opt, ref = w["achieved"], w["optimum"], w["reference"]
+    ref_g = ref["safety"][0][1]
+    assert ref_g < threshold < report["reachable_safety"][0]
+    assert max(w["unseen"].values()) < 1e-3  # the enumeration reached all but a sliver, bounded below
+    assert opt["safety"][0][0] - 1e-3 <= threshold <= opt["safety"][0][1] + 1e-3  # lambda* meets b exactly
+    assert abs(report["lambda"][0] - opt["lambda"][0]) <= 0.1 * opt["lambda"][0]
+    # the acceptance: on-set mass, KL and violation, all on the whole distribution
+    assert opt["mass_on_set"][1] - opt["mass_on_set"][0] < 1e-3
+    assert abs(got["mass_on_set"][0] - opt["mass_on_set"][0]) <= 0.01, (got["mass_on_set"], opt["mass_on_set"])
+    assert w["kl_to_optimum"][1] <= 0.05 * w["kl_ref_to_optimum"][0], (w["kl_to_optimum"], w["kl_ref_to_optimum"])
+    assert got["safety"][0][0] >= threshold - 0.1 * (threshold - ref_g), got["safety"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed, threshold", [(1, 1.0), (2, 0.0)])
-def test_demo_reaches_the_exact_constrained_optimum(seed, threshold, tmp_path, request):
-    out, stdout = request.getfixturevalue("demo_seed1") if seed == 1 else (tmp_path, run_demo(tmp_path, seed, threshold))
+@pytest.mark.parametrize("seed, threshold", SETTINGS)
+def test_demo_reaches_the_exact_constrained_optimum_over_the_whole_distribution(seed, threshold, demos):
+    out, stdout = demos(seed, threshold)
     report = json.loads((out / "report.json").read_text())
-    assert KEYS <= set(report)
-    ref, reach = report["reference"]["safety"][0], report["reachable_safety"][0]
-    assert ref < threshold < reach
-    assert report["achieved"]["safety"][0] >= threshold - 0.1 * (threshold - ref)
-    assert report["kl_to_optimum"] <= 0.05 * report["kl_ref_to_optimum"]
-    assert abs(report["lambda"][0] - report["optimum"]["lambda"][0]) <= 0.1 * report["optimum"]["lambda"][0]
-    assert abs(report["optimum"]["safety"][0] - threshold) < 1e-8  # the exact optimum meets it exactly
-    assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
-    assert "KL(trained || optimum)" in stdout
+    assert report["objective"] == "likelihood" and {"whole", "renormalised"} <= set(report)
+    assert_lands_on_the_optimum(report, threshold)
+    assert "KL(trained || optimum)" in stdout and "renormalised" in stdout
 
 
 @pytest.mark.slow
-def test_evaluate_agrees_with_exact_enumeration_within_its_intervals(demo_seed1, tmp_path):
-    """Held-out prompts of the toy world: evaluate's sampled estimates (reference and the MoCAN
-    policy) against the exact expectations and KL by enumeration."""
-    from openrlhf_dual.demo import world as W
+def test_frontier_picture_and_numbers_match_the_dual(demos):
+    """frontier.json passes through (b, lambda*) with the dual's predictions, and frontier.png is
+    a picture of the figure's size with the curve drawn, not only a PNG header."""
+    from matplotlib.image import imread
 
-    out, _ = demo_seed1
+    out, _ = demos(*SETTINGS[0])
+    dual = json.loads((out / "prep" / "dual.json").read_text())
+    curve = json.loads((out / "prep" / "frontier.json").read_text())
+    b = dual["thresholds"][0]
+    assert np.all(np.diff(curve["threshold"]) > 0) and np.all(np.diff(curve["lam"]) >= 0)
+    assert abs(np.interp(b, curve["threshold"], curve["lam"]) - dual["lam"][0]) < 0.01 * dual["lam"][0]
+    for key in ("reward", "kl"):
+        assert abs(np.interp(b, curve["threshold"], curve[key]) - dual["predicted"][key]) < 0.01
+    image = imread(out / "frontier.png")
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 300
+    assert len(np.unique(image.reshape(-1, image.shape[2]), axis=0)) > 50  # drawn, not blank
+
+
+@pytest.mark.slow
+def test_both_views_agree_with_direct_computations(demos):
+    """The judge's renormalised view against full-sequence forward passes (W.exact_policy), and its
+    whole-view scores against the world's own functions on the decoded text of its leaves."""
+    from openrlhf_dual.demo import world as W
+    from openrlhf_dual.demo.exact import ToyJudge, load_lm
+
+    out, _ = demos(*SETTINGS[0])
+    report = json.loads((out / "report.json").read_text())
+    prompts = W.make_prompts(32, 0)
+    reward, safety = W.score_table(prompts)
+    trained = W.exact_policy(out / "mocan", prompts)
+    r = report["renormalised"]
+    assert abs(r["achieved"]["safety"][0] - trained.expect(safety)) < 1e-6
+    assert abs(r["achieved"]["reward"] - trained.expect(reward)) < 1e-6
+    judge = ToyJudge(out / "reference", prompts[:4], 0.5, 0.5)
+    model, tok = load_lm(out / "mocan")
+    rng = np.random.default_rng(0)
+    for i, tree in enumerate(judge._expand([model, judge.ref])):
+        for k in rng.choice(len(tree.logp), 50, replace=False):
+            text = tok.decode(list(tree.leaf(k)), skip_special_tokens=True)
+            assert tree.scores[k].tolist() == pytest.approx([W.toy_reward(prompts[i], text), W.toy_safety(prompts[i], text)])
+
+
+@pytest.mark.slow
+def test_evaluate_agrees_with_exact_enumeration_within_its_intervals(demos, tmp_path):
+    """Held-out prompts of the toy world: evaluate's sampled estimates (reference and the MoCAN
+    policy; sampling sees every response, on the set or not) against the exact whole-distribution
+    expectations and KL."""
+    from matplotlib.image import imread
+
+    from openrlhf_dual.demo import world as W
+    from openrlhf_dual.demo.exact import ToyJudge
+
+    out, _ = demos(*SETTINGS[1])
     trained_on = set(W.make_prompts(32, 1))
     held_out = [p for p in W.make_prompts(60, 99) if p not in trained_on][:24]
     write_jsonl(tmp_path / "heldout.jsonl", [{"input": p} for p in held_out])
@@ -69,18 +136,18 @@ def test_evaluate_agrees_with_exact_enumeration_within_its_intervals(demo_seed1,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
-    reward, safety = W.score_table(held_out)
-    ref = W.exact_policy(out / "reference", held_out)
-    exact = {"reference": ref, "mocan": W.exact_policy(out / "mocan", held_out)}
-    for name, policy in exact.items():
+    judge = ToyJudge(out / "reference", held_out, 1.0, 0.5)
+    exact = {"reference": judge.evaluate(judge.ref)["whole"], "mocan": judge.evaluate_dir(out / "mocan")["whole"]}
+    for name, w in exact.items():
         got = report["policies"][name]
-        for est, value in ((got["reward"], policy.expect(reward)), (got["safety"][0], policy.expect(safety)),
-                           (got["kl"], policy.kl(ref))):  # fmt: skip
-            assert est["lo"] <= value <= est["hi"], (name, est, value)
+        for est, (lo, hi) in ((got["reward"], w["achieved"]["reward"]), (got["safety"][0], w["achieved"]["safety"][0]),
+                              (got["kl"], w["achieved"]["kl"])):  # fmt: skip
+            assert est["lo"] <= hi and lo <= est["hi"], (name, est, lo, hi)
     mocan = report["policies"]["mocan"]
     assert mocan["constraints"][0]["threshold"] == 1.0 and mocan["constraints"][0]["verdict"] in ("met", "inconclusive")
     assert mocan["win_rate"]["safety"][0]["mean"] > 0.5  # safer than the reference, as trained
     assert abs(mocan["predicted"]["lambda"][0] - json.loads((out / "prep" / "dual.json").read_text())["lam"][0]) < 1e-12
-    assert (tmp_path / "eval" / "plane.png").read_bytes()[:4] == b"\x89PNG"
     assert "| mocan |" in (tmp_path / "eval" / "report.md").read_text()
-    assert np.isfinite(mocan["kl"]["mean"]) and mocan["kl"]["mean"] > 0
+    assert exact["mocan"]["achieved"]["kl"][0] > 0.5  # trained far from the reference: the check has teeth
+    plane = imread(tmp_path / "eval" / "plane.png")
+    assert plane.ndim == 3 and len(np.unique(plane.reshape(-1, plane.shape[2]), axis=0)) > 50

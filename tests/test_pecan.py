@@ -149,26 +149,47 @@ def test_pecan_label_scale_makes_pi_lambda_the_dpo_population_optimum(beta, beta
         assert np.abs(found - wrong).max() > 1e-2
 
 
+PECAN_KL_BOUND = 0.15  # whole-distribution KL(trained || optimum) <= this x KL(ref || optimum): PeCAN's
+# implicit rewards come from two finite pre-alignment DPO runs, whose error alone leaves most of it
+
+
 @pytest.mark.slow
 def test_pecan_demo_meets_the_constraint_near_the_optimum(tmp_path):
-    out = tmp_path / "pecan"
+    from openrlhf_dual.artifacts import read_jsonl
+    from openrlhf_dual.demo.world import toy_safety
+
+    out, b = tmp_path / "pecan", 0.8
     proc = subprocess.run(
         [sys.executable, "-m", "openrlhf_dual.demo", "--algo", "pecan", "--out", str(out), "--seed", "1",
-         "--dual.threshold", "0.8"],
-        env=cpu_env(), capture_output=True, text=True, timeout=900,
+         "--dual.threshold", str(b)],
+        env=cpu_env(), capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    mocan_keys = {"threshold", "beta", "lambda", "reference", "reachable_safety", "predicted", "optimum", "achieved",
-                  "kl_to_optimum", "kl_ref_to_optimum"}  # fmt: skip
-    assert mocan_keys <= set(report) and report["algo"] == "pecan"
-    b, ref = report["threshold"], report["reference"]["safety"][0]
-    assert ref < b < report["reachable_safety"][0]
-    assert report["achieved"]["safety"][0] >= b - 0.2 * (b - ref)
-    assert report["kl_to_optimum"] <= 0.15 * report["kl_ref_to_optimum"]
-    assert abs(report["margin"] - (b - ref)) < 1e-9
-    pre = report["pre_alignment"]
-    assert pre["kl_exact_target_to_optimum"] < report["kl_ref_to_optimum"]
+    assert report["algo"] == "pecan" and report["objective"] == "likelihood" and report["threshold"] == b
+    w = report["whole"]
+    got, opt, ref = w["achieved"], w["optimum"], w["reference"]
+    ref_g = ref["safety"][0][1]
+    assert ref_g < b < report["reachable_safety"][0]
+    # the margin, checked independently of the demo's formula: b minus the true safety of prepare's
+    # own reference samples (the world's function on their text), within 4 standard errors
+    raw = [p["raw"] for p in read_jsonl(out / "prep" / "prompts.jsonl")]
+    samples = [r["responses"] for f in sorted((out / "prep" / "samples").glob("*.jsonl")) for r in read_jsonl(f)]
+    per_prompt = np.array([np.mean([toy_safety(x, s["text"]) for s in per]) for x, per in zip(raw, samples)])
+    within = np.mean([np.var([toy_safety(x, s["text"]) for s in per]) / len(per) for x, per in zip(raw, samples)])
+    se = np.sqrt(within / len(per_prompt))
+    assert abs(report["margin"] - (b - per_prompt.mean())) <= 4 * se, (report["margin"], b - per_prompt.mean(), se)
+    assert json.loads((out / "prep" / "dual.json").read_text())["thresholds"] == [report["margin"]]
+    # lambda: from the samples against PeCAN's exact answer on the same pre-aligned models, and the world's
+    pre = report["renormalised"]["pre_alignment"]
+    lam, lam_pre, lam_opt = report["lambda"][0], pre["exact_lambda"][0], opt["lambda"][0]
+    assert abs(lam - lam_pre) <= 0.05 * lam_pre, (lam, lam_pre)
+    assert abs(lam - lam_opt) <= 0.1 * lam_opt, (lam, lam_opt)
+    # the whole distribution: mass, constraint and distance to the optimum
+    assert abs(got["mass_on_set"][0] - opt["mass_on_set"][0]) <= 0.01, (got["mass_on_set"], opt["mass_on_set"])
+    assert got["safety"][0][0] >= b - 0.1 * (b - ref_g), got["safety"]
+    assert w["kl_to_optimum"][1] <= PECAN_KL_BOUND * w["kl_ref_to_optimum"][0], (w["kl_to_optimum"], w["kl_ref_to_optimum"])
+    assert pre["kl_exact_target_to_optimum"] < report["renormalised"]["kl_ref_to_optimum"]
 
 
 def test_split_preferences_makes_one_dpo_file_per_judgement(tmp_path, capsys):

@@ -4,9 +4,12 @@ constrained optimum.
     python -m openrlhf_dual.demo --out DIR [--algo mocan|pecan] [--seed N] [--dual.threshold B]
 
 MoCAN (default): fit the tiny reference LM; prepare on a local Ray (hf sampling actors, the toy
-reward and safety scored through the real reward-file adapter, the dual, pairs); MoCAN training
-with the real OpenRLHF DPO trainer under torchrun (2 ranks, ZeRO-2); exact evaluation of the
-trained checkpoint by enumerating every response.
+reward and safety scored through the real reward-file adapter, the dual, pairs); the primal step
+with a real OpenRLHF trainer under torchrun (2 ranks, ZeRO-2): --objective likelihood (default;
+the dual-weighted likelihood of prepare's samples on OpenRLHF's SFT trainer) or dpo (the paper's
+pseudo-preference DPO, optionally with --anchor C); exact evaluation of the trained checkpoint
+(demo.exact: the whole response distribution, and the distribution renormalised to the world's
+64 responses, side by side).
 PeCAN: the same world without reward models: Bradley-Terry preference data from the true reward
 and safety, two pre-alignment DPO runs, prepare on the implicit rewards (margin dual), PeCAN
 training, exact evaluation. Writes DIR/report.json (same keys for both) and DIR/frontier.png.
@@ -17,6 +20,8 @@ from __future__ import annotations
 import argparse
 import shutil
 from pathlib import Path
+
+from openrlhf_dual.demo.steps import EPOCHS, OBJECTIVES
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -29,9 +34,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dual.beta", dest="beta", type=float, default=0.5)
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--samples", type=int, default=128, help="K reference samples per prompt")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--objective", choices=OBJECTIVES, default=OBJECTIVES[0], help="the primal step")
+    p.add_argument("--anchor", type=float, default=0.0, help="dpo: --dual.anchor coefficient (0: the paper's DPO)")
+    p.add_argument("--epochs", type=int, default=None, help=f"of the primal step (default {EPOCHS})")
     p.add_argument("--pairs", type=int, default=128, help="PeCAN: preference pairs per prompt for each pre-alignment")
     a = p.parse_args(argv)
+    if a.anchor and a.objective != "dpo":
+        p.error("--anchor is a coefficient of the dpo objective")
+    a.epochs = a.epochs or EPOCHS[a.objective]
     out = Path(a.out)
     if out.exists():
         shutil.rmtree(out)

@@ -9,17 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
-from openrlhf_dual.demo import world as W
-from openrlhf_dual.demo.steps import build_reference, dpo, exact_optimum, finish, prepare, summary
+from openrlhf_dual.demo.exact import ToyJudge
+from openrlhf_dual.demo.steps import build_reference, finish, prepare, primal_step
 
 
 def run(a: argparse.Namespace, out: Path) -> dict:
     t0 = time.time()
     print(f"[1/4] reference: tiny Llama fitted to the toy world ({a.prompts} prompts, 64 responses each)")
     ref_dir, prompts = build_reference(out, a.prompts, a.seed)
-    ref = W.exact_policy(ref_dir, prompts)
-    reward, safety = W.score_table(prompts)
-    lam_opt, opt = exact_optimum(ref, reward, safety, a.threshold, a.beta)
+    judge = ToyJudge(ref_dir, prompts, a.threshold, a.beta)
 
     print(f"[2/4] prepare: {a.samples} samples per prompt on a local Ray, scored, dual solved, pairs written")
     prep = out / "prep"
@@ -27,23 +25,18 @@ def run(a: argparse.Namespace, out: Path) -> dict:
                        a.beta, a.prompts, a.samples, a.seed)  # fmt: skip
     shutil.copy(prep / "frontier.png", out / "frontier.png")
 
-    print(f"[3/4] MoCAN: OpenRLHF DPO trainer on pseudo-preferences, lambda = {solution['lam'][0]:.4f}")
-    ckpt = dpo(out, "mocan", "openrlhf_dual.cli.train_dpo", ref_dir, a.beta, a.epochs,
-               ["--dual.algo", "mocan", "--dual.prep_dir", str(prep)])  # fmt: skip
+    print(f"[3/4] MoCAN primal step ({a.objective}) with OpenRLHF's trainer, lambda = {solution['lam'][0]:.4f}")
+    ckpt = primal_step(out, "mocan", a, ref_dir, "mocan")
 
-    print("[4/4] exact evaluation of the trained policy by enumeration")
-    trained = W.exact_policy(ckpt, prompts)
+    print("[4/4] exact evaluation of the trained policy by enumeration (whole distribution and renormalised)")
     report = {
         "algo": "mocan",
+        "objective": a.objective,
         "threshold": a.threshold,
         "beta": a.beta,
         "lambda": solution["lam"],
-        "reference": {"reward": ref.expect(reward), "safety": [ref.expect(safety)]},
-        "reachable_safety": [float(np.mean(safety.max(axis=1)))],
+        "reachable_safety": [float(np.mean(judge.safety.max(axis=1)))],  # over the world's 64 responses
         "predicted": {k: solution["predicted"][k] for k in ("reward", "safety", "kl")},
-        "optimum": {"lambda": [lam_opt], **summary(opt, reward, safety, ref)},
-        "achieved": summary(trained, reward, safety, ref),
-        "kl_to_optimum": trained.kl(opt),
-        "kl_ref_to_optimum": ref.kl(opt),
+        **judge.evaluate_dir(ckpt),
     }
-    return finish(out, report, t0, solution["lam"][0])
+    return finish(out, report, t0)

@@ -24,7 +24,8 @@ import numpy as np
 
 from openrlhf_dual.artifacts import write_jsonl
 from openrlhf_dual.demo import world as W
-from openrlhf_dual.demo.steps import build_reference, dpo, exact_optimum, finish, prepare, summary, tilt
+from openrlhf_dual.demo.exact import ToyJudge, summary, tilt
+from openrlhf_dual.demo.steps import EPOCHS, build_reference, dpo, finish, prepare, primal_step
 
 LENGTHS = (0.05, 0.1, 0.1, 0.65, 0.1)  # P(response of 0, 1, 2, 3, 4 words); the world's own have 3
 
@@ -67,10 +68,10 @@ def run(a: argparse.Namespace, out: Path) -> dict:
     t0 = time.time()
     print(f"[1/5] reference: tiny Llama fitted to the toy world ({a.prompts} prompts, 64 responses each)")
     ref_dir, prompts = build_reference(out, a.prompts, a.seed)
-    ref = W.exact_policy(ref_dir, prompts)
-    reward, safety = W.score_table(prompts)
-    lam_opt, opt = exact_optimum(ref, reward, safety, a.threshold, a.beta)
-    margin = a.threshold - ref.expect(safety)
+    judge = ToyJudge(ref_dir, prompts, a.threshold, a.beta)
+    ref, reward, safety = judge.ref_set, judge.reward, judge.safety
+    ref_whole = {k: float(np.mean(judge.reference[k])) for k in ("reward", "safety")}  # midpoints of tight bounds
+    margin = a.threshold - ref_whole["safety"]  # the reference's safety over its whole distribution, as sampled
 
     print(f"[2/5] pre-alignment: OpenRLHF DPO on {a.pairs} Bradley-Terry pairs per prompt, helpfulness then safety")
     tok = AutoTokenizer.from_pretrained(ref_dir)
@@ -78,7 +79,7 @@ def run(a: argparse.Namespace, out: Path) -> dict:
     for name, utility, offset in (("pi_r", W.toy_reward, 1), ("pi_g", W.toy_safety, 2)):
         data = out / "data" / f"{name}.jsonl"
         write_jsonl(data, preference_rows(tok, prompts, utility, a.pairs, a.seed * 10 + offset))
-        aligned[name] = dpo(out, name, "openrlhf.cli.train_dpo", ref_dir, a.beta, a.epochs,
+        aligned[name] = dpo(out, name, "openrlhf.cli.train_dpo", ref_dir, a.beta, EPOCHS["dpo"],
                             ["--data.dataset", str(data), "--data.prompt_key", "prompt"])  # fmt: skip
 
     print(f"[3/5] prepare --dual.algo pecan: {a.samples} samples per prompt, log-probs of 3 models, margin {margin:+.3f}")
@@ -87,42 +88,38 @@ def run(a: argparse.Namespace, out: Path) -> dict:
                        a.prompts, a.samples, a.seed, algo="pecan")  # fmt: skip
     shutil.copy(prep / "frontier.png", out / "frontier.png")
 
-    print(f"[4/5] PeCAN: OpenRLHF DPO trainer on pseudo-preferences, lambda = {solution['lam'][0]:.4f}")
-    ckpt = dpo(out, "pecan", "openrlhf_dual.cli.train_dpo", ref_dir, a.beta, a.epochs,
-               ["--dual.algo", "pecan", "--dual.prep_dir", str(prep)])  # fmt: skip
+    print(f"[4/5] PeCAN primal step ({a.objective}) with OpenRLHF's trainer, lambda = {solution['lam'][0]:.4f}")
+    ckpt = primal_step(out, "pecan", a, ref_dir, "pecan")
 
-    print("[5/5] exact evaluation of the pre-aligned and trained policies by enumeration")
+    print("[5/5] exact evaluation of the trained policy (whole distribution and renormalised) and of pre-alignment")
+    views = judge.evaluate_dir(ckpt)
     trained = W.exact_policy(ckpt, prompts)
     pi_r, pi_g = (W.exact_policy(aligned[n], prompts) for n in ("pi_r", "pi_g"))
     s_r, s_g = np.log(pi_r.probs / ref.probs), np.log(pi_g.probs / ref.probs)
     lam_pre, target = margin_target(ref, s_r, s_g, margin, a.beta)
     pred, sol_ref = solution["predicted"], solution["reference"]
-    ref_true = {"reward": ref.expect(reward), "safety": [ref.expect(safety)]}
+    # on the world's 64 responses: pi_r, pi_g against their targets pi_ref exp(u / beta) (how well DPO
+    # recovered the utilities), PeCAN's exact answer on these implicit rewards (the gap pre-alignment
+    # alone leaves) and the trained policy against that answer (sampling, the sample dual, training)
+    views["renormalised"]["pre_alignment"] = {
+        "kl_pi_r_to_target": pi_r.kl(tilt(ref, reward / a.beta)),
+        "kl_pi_g_to_target": pi_g.kl(tilt(ref, safety / a.beta)),
+        "exact_lambda": [lam_pre],
+        "exact_target": summary(target, reward, safety, ref),
+        "kl_exact_target_to_optimum": target.kl(judge.opt_set),
+        "kl_trained_to_exact_target": trained.kl(target),
+    }
     report = {
         "algo": "pecan",
+        "objective": a.objective,
         "threshold": a.threshold,
         "beta": a.beta,
         "lambda": solution["lam"],
-        "reference": ref_true,
-        "reachable_safety": [float(np.mean(safety.max(axis=1)))],
+        "reachable_safety": [float(np.mean(safety.max(axis=1)))],  # over the world's 64 responses
         # margin-form predictions moved to true units by the reference's true values
-        "predicted": {"reward": ref_true["reward"] + pred["reward"] - sol_ref["reward"],
-                      "safety": [ref_true["safety"][0] + pred["safety"][0]], "kl": pred["kl"]},  # fmt: skip
-        "optimum": {"lambda": [lam_opt], **summary(opt, reward, safety, ref)},
-        "achieved": summary(trained, reward, safety, ref),
-        "kl_to_optimum": trained.kl(opt),
-        "kl_ref_to_optimum": ref.kl(opt),
+        "predicted": {"reward": ref_whole["reward"] + pred["reward"] - sol_ref["reward"],
+                      "safety": [ref_whole["safety"] + pred["safety"][0]], "kl": pred["kl"]},  # fmt: skip
         "margin": margin,
-        "pre_alignment": {
-            # pi_r, pi_g against their targets pi_ref exp(u / beta): how well DPO recovered the utilities
-            "kl_pi_r_to_target": pi_r.kl(tilt(ref, reward / a.beta)),
-            "kl_pi_g_to_target": pi_g.kl(tilt(ref, safety / a.beta)),
-            # PeCAN's exact answer on these implicit rewards: the gap pre-alignment alone leaves
-            "exact_lambda": [lam_pre],
-            "exact_target": summary(target, reward, safety, ref),
-            "kl_exact_target_to_optimum": target.kl(opt),
-            # the rest of the gap: sampling, the sample dual and training, against that answer
-            "kl_trained_to_exact_target": trained.kl(target),
-        },
+        **views,
     }
-    return finish(out, report, t0, solution["lam"][0])
+    return finish(out, report, t0)

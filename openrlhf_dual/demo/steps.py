@@ -1,19 +1,22 @@
 """Steps shared by the MoCAN and PeCAN demos (and benchmarks/primal_dual.py): the fitted reference,
-the dual step, DPO runs under torchrun, the exact constrained optimum and exact summaries of a
-policy, the report."""
+the dual step, training runs under torchrun (DPO, or the weighted-likelihood primal step on
+OpenRLHF's SFT trainer), the report."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-import numpy as np
 
 from openrlhf_dual.artifacts import write_json, write_jsonl
 from openrlhf_dual.demo import world as W
 from openrlhf_dual.launch import torchrun
 
 DPO_BATCH = 32  # pairs per optimizer step in the demos' DPO runs (--train.batch_size)
+LIKELIHOOD_BATCH = 64  # samples per optimizer step of the weighted-likelihood step
+LIKELIHOOD_LR = 3e-3
+OBJECTIVES = ("likelihood", "dpo")  # the primal step: weighted likelihood (default) or the paper's DPO
+EPOCHS = {"likelihood": 2, "dpo": 3}  # of the primal step; PeCAN's pre-alignment DPO runs use EPOCHS["dpo"]
 
 
 def build_reference(out: Path, n_prompts: int, seed: int, hidden_size: int = 32) -> tuple[Path, list[str]]:
@@ -34,22 +37,6 @@ def build_reference(out: Path, n_prompts: int, seed: int, hidden_size: int = 32)
     return ref_dir, prompts
 
 
-def tilt(ref: W.ExactPolicy, logits: np.ndarray) -> W.ExactPolicy:
-    """pi_ref exp(logits) / Z per prompt; logits [P, 64] in nats."""
-    x = logits + np.log(ref.probs)
-    probs = np.exp(x - x.max(axis=1, keepdims=True))
-    return W.ExactPolicy(probs / probs.sum(axis=1, keepdims=True))
-
-
-def exact_optimum(ref: W.ExactPolicy, reward: np.ndarray, safety: np.ndarray, threshold: float, beta: float):
-    """lambda* and pi_lambda* of the world itself (all responses, weighted by pi_ref), via the dual
-    core: logmeanexp over responses of (r + beta log pi_ref + lam g) / beta is beta log E_ref[...] + const."""
-    from openrlhf_dual.dual import solve_dual
-
-    lam = float(solve_dual(reward + beta * np.log(ref.probs), safety, threshold, beta).lam[0])
-    return lam, tilt(ref, (reward + lam * safety) / beta)
-
-
 def prepare(out: Path, ref_dir: Path, reward: str, safety: str, threshold: float, beta: float, n_prompts: int,
             n_samples: int, seed: int, algo: str = "mocan") -> dict:  # fmt: skip
     """The dual step on the world's prompts (out/data/prompts.jsonl) into out/prep; returns dual.json."""
@@ -64,22 +51,42 @@ def prepare(out: Path, ref_dir: Path, reward: str, safety: str, threshold: float
     )  # fmt: skip
 
 
-def summary(policy: W.ExactPolicy, reward: np.ndarray, safety: np.ndarray, ref: W.ExactPolicy) -> dict:
-    """Exact E[r], E[g] ([1]) and KL(policy || reference) in nats."""
-    return {"reward": policy.expect(reward), "safety": [policy.expect(safety)], "kl": policy.kl(ref)}
+def primal_step(out: Path, name: str, a, ref_dir: Path, algo: str, extra: list[str] = ()) -> Path:
+    """CAN's one training run on the prep directory out/prep, with the demo's objective
+    (a.objective: weighted likelihood, or the paper's DPO with optional anchor a.anchor)."""
+    flags = ["--dual.algo", algo, "--dual.prep_dir", str(out / "prep"), *extra]
+    if a.objective == "likelihood":
+        return likelihood(out, name, ref_dir, a.epochs, flags)
+    anchor = ["--dual.anchor", str(a.anchor)] if a.anchor else []
+    return dpo(out, name, "openrlhf_dual.cli.train_dpo", ref_dir, a.beta, a.epochs, [*flags, *anchor])
 
 
 def dpo(out: Path, name: str, module: str, ref_dir: Path, beta: float, epochs: int, extra: list[str]) -> Path:
     """One DPO run with OpenRLHF's trainer (`module`: openrlhf.cli.train_dpo or ours): torchrun,
     2 ranks, DeepSpeed ZeRO-2, on CPU here. Returns the HF checkpoint directory."""
+    return _run(out, name, module, [
+        "--model.model_name_or_path", str(ref_dir), "--model.beta", str(beta),
+        "--train.micro_batch_size", "16", "--train.batch_size", str(DPO_BATCH), "--train.max_epochs", str(epochs),
+        "--adam.lr", "3e-3", "--lr_warmup_ratio", "0.05", *extra,
+    ])  # fmt: skip
+
+
+def likelihood(out: Path, name: str, ref_dir: Path, epochs: int, extra: list[str], lr: float = LIKELIHOOD_LR) -> Path:
+    """One weighted-likelihood run (openrlhf_dual.cli.train_sft on prepare's samples; pass
+    --dual.algo and --dual.prep_dir in `extra`) with OpenRLHF's SFT trainer, set up like `dpo`."""
+    return _run(out, name, "openrlhf_dual.cli.train_sft", [
+        "--model.model_name_or_path", str(ref_dir),
+        "--train.micro_batch_size", str(LIKELIHOOD_BATCH // 2), "--train.batch_size", str(LIKELIHOOD_BATCH),
+        "--train.max_epochs", str(epochs), "--adam.lr", str(lr), "--lr_warmup_ratio", "0.05", *extra,
+    ])  # fmt: skip
+
+
+def _run(out: Path, name: str, module: str, args: list[str]) -> Path:
     ckpt = out / name
     args = [
-        "--model.model_name_or_path", str(ref_dir), "--model.beta", str(beta),
-        "--ds.zero_stage", "2", "--ds.attn_implementation", "eager", "--ds.param_dtype", "bf16",
-        "--train.micro_batch_size", "16", "--train.batch_size", str(DPO_BATCH), "--train.max_epochs", str(epochs),
-        "--adam.lr", "3e-3", "--lr_warmup_ratio", "0.05", "--data.max_len", "64",
+        "--ds.zero_stage", "2", "--ds.attn_implementation", "eager", "--ds.param_dtype", "bf16", "--data.max_len", "64",
         "--ckpt.output_dir", str(ckpt), "--logger.logging_steps", "1",
-        "--logger.tensorboard_dir", str(out / "tensorboard" / name), *extra,
+        "--logger.tensorboard_dir", str(out / "tensorboard" / name), *args,
     ]  # fmt: skip
     proc = torchrun(module, args)
     log = out / f"{name}.log"
@@ -89,18 +96,30 @@ def dpo(out: Path, name: str, module: str, ref_dir: Path, beta: float, epochs: i
     return ckpt
 
 
-def finish(out: Path, report: dict, t0: float, lam_from_samples: float) -> dict:
-    """Write report.json and print the comparison with the exact optimum."""
+def finish(out: Path, report: dict, t0: float) -> dict:
+    """Write report.json and print the comparison with the exact optimum, whole distribution
+    first, then the renormalised view."""
     report["seconds"] = round(time.time() - t0, 1)
     write_json(out / "report.json", report)
+    w, r = report["whole"], report["renormalised"]
+    got, opt, ref = w["achieved"], w["optimum"], w["reference"]
+
+    def span(x, fmt="+.3f"):
+        return f"[{x[0]:{fmt}}, {x[1]:{fmt}}]"
+
     print(
-        f"\nthreshold {report['threshold']:+.3f}: reference safety {report['reference']['safety'][0]:+.3f} -> "
-        f"achieved {report['achieved']['safety'][0]:+.3f} (exact optimum {report['optimum']['safety'][0]:+.3f})\n"
-        f"lambda from samples {lam_from_samples:.4f} vs exact {report['optimum']['lambda'][0]:.4f}; reward "
-        f"{report['reference']['reward']:+.3f} -> {report['achieved']['reward']:+.3f} "
-        f"(optimum {report['optimum']['reward']:+.3f})\n"
-        f"KL(trained || optimum) = {report['kl_to_optimum']:.4f} vs KL(reference || optimum) = "
-        f"{report['kl_ref_to_optimum']:.4f}\nwrote {out / 'report.json'} and {out / 'frontier.png'} "
-        f"in {report['seconds']} s"
+        f"\nwhole distribution (every response up to {w['generation_cap']} tokens; intervals bound what the "
+        f"enumeration did not reach):\n"
+        f"  threshold {report['threshold']:+.3f}: safety reference {span(ref['safety'][0])} -> achieved "
+        f"{span(got['safety'][0])} (optimum {span(opt['safety'][0])})\n"
+        f"  reward {span(ref['reward'])} -> {span(got['reward'])} (optimum {span(opt['reward'])})\n"
+        f"  mass on the world's 64 responses: reference {ref['mass_on_set'][0]:.2%}, optimum {opt['mass_on_set'][0]:.2%}, "
+        f"trained {got['mass_on_set'][0]:.2%} (worst prompt {got['mass_on_set_min_prompt']:.2%})\n"
+        f"  lambda from samples {report['lambda'][0]:.4f} vs exact {opt['lambda'][0]:.4f}\n"
+        f"  KL(trained || optimum) {span(w['kl_to_optimum'], '.4f')} vs KL(reference || optimum) "
+        f"{span(w['kl_ref_to_optimum'], '.4f')}\n"
+        f"renormalised to the 64 responses (blind to mass leaving them): KL(trained || optimum) "
+        f"{r['kl_to_optimum']:.4f} vs {r['kl_ref_to_optimum']:.4f}, safety {r['achieved']['safety'][0]:+.3f}\n"
+        f"wrote {out / 'report.json'} and {out / 'frontier.png'} in {report['seconds']} s"
     )
     return report
