@@ -17,6 +17,9 @@ def cpu_env(**extra: str) -> dict[str, str]:
     thread per rank, no wandb, no hub."""
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed's JIT-built ops (fused_adam, shm_comm) per environment: two venvs sharing one build
+    # folder rebuild over each other's files and wait on each other's lock files
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.update(extra)
     return env
@@ -39,9 +42,22 @@ def torchrun_launcher(nproc: int) -> list[str]:
 
 def torchrun(module: str, args: list[str], *, nproc: int = 2, cwd: str | Path | None = None,
              timeout: float | None = None) -> subprocess.CompletedProcess:
-    """`torchrun_launcher(nproc) -m module args...` with `cpu_env()`; output captured as text."""
+    """`torchrun_launcher(nproc) -m module args...` with `cpu_env()`; output captured as text.
+    However it ends (timeout, or the caller interrupted), torchrun gets SIGTERM first, which it passes
+    on to its ranks (they run in sessions of their own, so killing torchrun alone orphans them)."""
     cmd = [*torchrun_launcher(nproc), "-m", module, *args]
-    return subprocess.run(cmd, cwd=cwd, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @contextmanager
