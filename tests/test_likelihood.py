@@ -223,7 +223,7 @@ def test_pseudo_preference_dataset_carries_anchor_weights(tiny_model_dir, tmp_pa
     from transformers import AutoTokenizer
 
     from openrlhf_dual.trainer import PseudoPreferenceDataset
-    from test_trainer import write_prep_dir
+    from test_trainer import pair_rows, write_prep_dir
 
     prep = write_prep_dir(tmp_path / "prep", lam=2.0, n=8)
     data = load_dataset("json", data_files=str(prep / "pairs.jsonl"), split="train")
@@ -237,8 +237,13 @@ def test_pseudo_preference_dataset_carries_anchor_weights(tiny_model_dir, tmp_pa
         ds = PseudoPreferenceDataset(data, tok, 64, SimpleNamespace(args=args),
                                      dual=DualConfig("mocan", str(prep), anchor=anchor), num_processors=1)  # fmt: skip
         batches[anchor] = ds.collate_fn([ds[i] for i in range(len(ds))])[4]
-    # one pair per prompt: chosen u = 1 - 2 = -1, rejected u = 0 + 2 = 2, beta_dual 0.1
-    want = 2 * np.exp(np.array([-1.0, 2.0]) / 0.1) / np.exp(np.array([-1.0, 2.0]) / 0.1).sum()
-    assert all(p.weights == pytest.approx(tuple(want), rel=1e-9) for p in batches[1.0])
+    # one pair per prompt (the long row dropped by OpenRLHF's filter): weights 2 softmax(u / beta_dual)
+    # over the pair's two responses, u = r + lam.g, each row with its own scores
+    rows = [r for r in pair_rows(8) if r["kind"] != "long"]
+    assert len({r["prompt"] for r in rows}) == len(rows) == len(batches[1.0])
+    for row, p in zip(rows, batches[1.0]):
+        u = np.array([row["chosen_reward"] + 2.0 * row["chosen_safety"][0], row["rejected_reward"] + 2.0 * row["rejected_safety"][0]])
+        want = 2 * np.exp((u - u.max()) / 0.1) / np.exp((u - u.max()) / 0.1).sum()
+        assert p.weights == pytest.approx(tuple(want), rel=1e-9)
     assert all(p.weights == (0.0, 0.0) for p in batches[0.0])
     assert [p.label for p in batches[1.0]] == [p.label for p in batches[0.0]]
