@@ -103,7 +103,7 @@ bench-sampling: install-vllm
 	$(PYV) benchmarks/sampling.py
 
 # README's "Does it work?" section and docs/evidence/*.png, from fresh runs (about 30 minutes)
-evidence: install
+evidence: install install-vllm
 	$(PY) benchmarks/evidence.py --out evidence_out
 
 clean:

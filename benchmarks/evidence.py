@@ -2,7 +2,8 @@
 
     python benchmarks/evidence.py [--out evidence_out]
 
-1. the MoCAN and PeCAN demos on the toy world (exact optimum known);
+1. the MoCAN and PeCAN demos on the toy world (exact optimum known), and the one-shot PPO demo
+   (in the vLLM environment: make install-vllm);
 2. a lambda sweep with recipes/lambda_sweep.sh on the MoCAN demo's prep directory, evaluated on
    held-out toy prompts by `openrlhf_dual.cli.evaluate` (one picture);
 3. benchmarks/primal_dual.py (CAN against a tuned primal-dual baseline, multiplier trajectory);
@@ -43,6 +44,31 @@ def demo_row(name: str, r: dict) -> str:
             f"{r['kl_to_optimum']:.4f} / {r['kl_ref_to_optimum']:.3f} | {r['seconds']:.0f} s |")  # fmt: skip
 
 
+def ppo_part(out: Path) -> tuple[str, str]:
+    """One-shot PPO's row for the demo table and its compute, from `python -m openrlhf_dual.demo
+    --algo ppo` (run with the vLLM environment's Python, VLLM_PYTHON or .venv-vllm/bin/python,
+    unless out/ppo/report.json exists). Whole-distribution intervals: one number when lo and hi
+    agree to 3 decimals, KL as its upper bound."""
+    if not (out / "ppo" / "report.json").exists():
+        vllm_python = os.environ.get("VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
+        run([vllm_python, "-m", "openrlhf_dual.demo", "--algo", "ppo", "--out", str(out / "ppo")])
+    r = json.loads((out / "ppo" / "report.json").read_text())
+    iv = lambda x: f"{x[0]:+.3f}" if round(x[0], 3) == round(x[1], 3) else f"{x[0]:+.3f}..{x[1]:+.3f}"  # noqa: E731
+    ppo, b = r["ppo"], r["threshold"]
+    row = (f"| one-shot PPO ({r['estimator']}) | {b:+.2f} | {iv(r['reference']['safety'][0])} | "
+           f"{iv(r['achieved']['safety'][0])} | {iv(r['optimum']['safety'][0])} | {r['lambda'][0]:.3f} / "
+           f"{r['optimum']['lambda'][0]:.3f} | {iv(r['achieved']['reward'])} / {iv(r['optimum']['reward'])} | "
+           f"{r['kl_to_optimum'][1]:.4f} / {r['kl_ref_to_optimum'][0]:.3f} | {r['seconds']:.0f} s |")  # fmt: skip
+    text = (f"One-shot PPO is OpenRLHF's own `train_ppo_ray` on r + lambda*.g (`--dual.prep_dir`), KL coefficient "
+            f"beta, k1 in the reward; vLLM's CPU build and Ray with logical GPUs, weights synced over gloo "
+            f"(patches/0004). It spent {ppo['steps']} rollouts of {ppo['samples'] // max(ppo['steps'], 1)} responses "
+            f"({ppo['samples']} samples, {ppo['response_tokens']} response tokens) in {ppo['seconds']:.0f} s of "
+            f"train_ppo_ray (start-up included); its reference is the same world's with hidden 64 (vLLM's CPU "
+            f"attention needs head_dim >= 32), so its numbers are its own. Evaluated over its whole response "
+            f"distribution (mass off the 64 responses included; unseen mass <= {r['whole']['unseen']['policy']:.1e}).")  # fmt: skip
+    return row, text
+
+
 def pd_headline(pd: dict) -> str:
     """The primal-dual comparison in words, from benchmarks/primal_dual.py's summary JSON."""
     can, base, ratios = pd["can"], pd["baseline"], pd["ratios"]
@@ -78,6 +104,7 @@ def section(out: Path, outputs: dict) -> str:
     pre = pecan["pre_alignment"]
     sweep_md = (out / "sweep" / "eval" / "report.md").read_text().split("\n", 2)[2]
     pd = json.loads((out / "primal_dual" / "primal_dual.json").read_text())
+    ppo_row, ppo_text = ppo_part(out)
     printout = outputs["primal_dual"][outputs["primal_dual"].index("toy world") :].splitlines()
     pd_table = "\n".join(line for line in printout if not line.startswith("wrote "))
     return f"""{START}
@@ -94,6 +121,9 @@ K = 128, beta = 0.5, 3 epochs of OpenRLHF's DPO trainer, 2 ranks ZeRO-2):
 |---|---|---|---|---|---|---|---|---|
 {demo_row("MoCAN", mocan)}
 {demo_row("PeCAN", pecan)}
+{ppo_row}
+
+{ppo_text}
 
 PeCAN starts from preference data only (two pre-alignment DPO runs). Of its remaining gap,
 pre-alignment accounts for KL {pre['kl_exact_target_to_optimum']:.4f} (PeCAN's exact answer on the

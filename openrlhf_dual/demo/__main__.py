@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--algo", choices=("mocan", "pecan", "ppo"), default="mocan")
@@ -45,6 +45,11 @@ def main(argv: list[str] | None = None) -> dict:
     if extra and a.algo != "ppo":
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     a.extra = extra  # PPO: more train_ppo_ray flags, given after ours
+    return a
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
     out = Path(a.out)
     if out.exists():
         shutil.rmtree(out)

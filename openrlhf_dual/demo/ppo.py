@@ -2,7 +2,7 @@
 rollouts; on a machine without CUDA, vLLM's CPU build and Ray with logical GPUs), the trained policy
 checked against the exact constrained optimum over its whole response distribution.
 
-Steps: the tiny reference (head_dim 64, which vLLM's CPU attention needs); prepare (lambda* from
+Steps: the tiny reference (head_dim 32: vLLM's CPU attention refuses 16); prepare (lambda* from
 reference samples, `ppo_reward.py` in the prep directory); one train_ppo_ray run whose reward is
 the prep directory's (`--dual.prep_dir`, or `serve_reward` with --ppo.reward_server); exact
 evaluation by enumeration (demo.exact.ToyJudge). PPO's KL coefficient is the dual's beta and its
@@ -23,7 +23,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +35,12 @@ from openrlhf_dual.demo.steps import build_reference, prepare
 from openrlhf_dual.launch import cpu_env, ray_cluster, read_scalars
 
 GPUS = 4  # actor, reference, critic (gae only), one vLLM engine: one GPU each
+# head_dim 32 (2 heads): vLLM's CPU attention refuses the default 16; hidden 128 (head_dim 64) does
+# not fit the world with fit_reference's settings (a quarter of its mass left on the 64 responses)
+HIDDEN = 64
 
 
-def ppo_args(a: argparse.Namespace, out: Path, ref_dir: Path, reward_flags: list[str]) -> list[str]:
+def ppo_args(a: argparse.Namespace, out: Path, ref_dir: Path, reward_flags: list[str], name: str = "ppo") -> list[str]:
     """train_ppo_ray's arguments: one GPU per role, KL coefficient = beta (fixed, k1 in the reward),
     the world's generation cap, every prompt in each rollout; `a.extra` last."""
     rollout = a.prompts * a.ppo_samples
@@ -56,8 +60,8 @@ def ppo_args(a: argparse.Namespace, out: Path, ref_dir: Path, reward_flags: list
         "--algo.kl.estimator", "k1", "--actor.adam.lr", str(a.ppo_lr), "--critic.adam.lr", str(a.ppo_lr),
         "--actor.lr_scheduler", "constant", "--critic.lr_scheduler", "constant", "--actor.lr_warmup_ratio", "0",
         "--ds.zero_stage", "0", "--ds.attn_implementation", "eager",
-        "--ckpt.output_dir", str(out / "ppo"), "--ckpt.save_steps", "-1",
-        "--logger.logging_steps", "1", "--logger.tensorboard_dir", str(out / "tensorboard"),
+        "--ckpt.output_dir", str(out / name), "--ckpt.save_steps", "-1",
+        "--logger.logging_steps", "1", "--logger.tensorboard_dir", str(out / "tensorboard" / name),
         *reward_flags, *a.extra,
     ]  # fmt: skip
 
@@ -91,72 +95,84 @@ def reward_server(prep: Path, log: Path, timeout: float = 300.0):
         proc.wait(timeout=60)
 
 
-def train_ppo(a: argparse.Namespace, out: Path, ref_dir: Path) -> dict:
-    """One train_ppo_ray run (Ray with GPUS GPUs of its own); returns its compute: wall seconds,
-    PPO steps, generated samples and tokens, as OpenRLHF logged them."""
-    prep = out / "prep"
-    log = out / "train_ppo_ray.log"
-    with ray_cluster(num_gpus=GPUS), (reward_server(prep, out / "serve_reward.log") if a.ppo_reward_server
-                                      else _nothing()) as url:  # fmt: skip
+def train_ppo(a: argparse.Namespace, out: Path, ref_dir: Path, name: str = "ppo") -> dict:
+    """One train_ppo_ray run into out/name (Ray with GPUS GPUs of its own); returns its compute:
+    wall seconds, PPO steps, generated samples and response tokens (as OpenRLHF logged them)."""
+    prep, log, tb = out / "prep", out / f"{name}.log", out / "tensorboard" / name
+    server = reward_server(prep, out / f"{name}_serve_reward.log") if a.ppo_reward_server else nullcontext()
+    with ray_cluster(num_gpus=GPUS), server as url:
         flags = ["--reward.remote_url", url] if url else ["--dual.prep_dir", str(prep)]
+        cmd = [sys.executable, "-m", "openrlhf.cli.train_ppo_ray", *ppo_args(a, out, ref_dir, flags, name)]
         t0 = time.time()
         with open(log, "w") as f:
-            proc = subprocess.run([sys.executable, "-m", "openrlhf.cli.train_ppo_ray", *ppo_args(a, out, ref_dir, flags)],
-                                  env=cpu_env(), stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
+            proc = subprocess.run(cmd, env=cpu_env(), stdout=f, stderr=subprocess.STDOUT)
         seconds = time.time() - t0
     if proc.returncode != 0:
         raise SystemExit(f"train_ppo_ray failed (exit {proc.returncode}); see {log}")
-    lengths = [v for _, _, v in read_scalars(out / "tensorboard", "train/response_length")]
-    steps = len(lengths)
-    samples = steps * a.prompts * a.ppo_samples
-    return {"seconds": round(seconds, 1), "steps": steps, "samples": samples,
-            "response_tokens": round(float(np.sum(lengths)) * a.prompts * a.ppo_samples, 1),
-            "reward_source": "serve_reward" if a.ppo_reward_server else "reward file"}  # fmt: skip
+    lengths = [v for _, _, v in read_scalars(tb, "train/response_length")]
+    rollout = a.prompts * a.ppo_samples
+    return {"seconds": round(seconds, 1), "steps": len(lengths), "samples": len(lengths) * rollout,
+            "response_tokens": round(float(np.sum(lengths)) * rollout), "tensorboard": str(tb),
+            "reward_source": "serve_reward" if a.ppo_reward_server else "reward file", "train_ppo_ray_args": a.extra}  # fmt: skip
 
 
-@contextmanager
-def _nothing():
-    yield None
+@dataclass
+class World:
+    """The toy world set up for PPO: reference, prompts, exact judge, prepare's solution."""
+
+    ref_dir: Path
+    prompts: list[str]
+    judge: object  # demo.exact.ToyJudge
+    solution: dict
 
 
-def run(a: argparse.Namespace, out: Path) -> dict:
+def setup(a: argparse.Namespace, out: Path) -> World:
+    """Reference (hidden HIDDEN), exact judge, prepare."""
     from openrlhf_dual.demo.exact import ToyJudge
 
     for key, value in cpu_env().items():  # Ray's workers inherit the environment of its first process
         os.environ.setdefault(key, value)
-    t0 = time.time()
-    print(f"[1/4] reference: tiny Llama (head_dim 64) fitted to the toy world ({a.prompts} prompts)")
-    ref_dir, prompts = build_reference(out, a.prompts, a.seed, hidden_size=128)
+    print(f"[1/4] reference: tiny Llama (hidden {HIDDEN}) fitted to the toy world ({a.prompts} prompts)")
+    ref_dir, prompts = build_reference(out, a.prompts, a.seed, hidden_size=HIDDEN)
     judge = ToyJudge(ref_dir, prompts, a.threshold, a.beta)
-
     print(f"[2/4] prepare: {a.samples} samples per prompt, scored, dual solved, the PPO reward file written")
     solution = prepare(out, ref_dir, f"file:{out / 'reward.py'}", f"file:{out / 'safety.py'},sign=+1", a.threshold,
                        a.beta, a.prompts, a.samples, a.seed)  # fmt: skip
+    return World(ref_dir, prompts, judge, solution)
 
-    print(f"[3/4] train_ppo_ray on r + lambda*.g, lambda = {solution['lam'][0]:.4f}, {a.ppo_steps} steps")
-    compute = train_ppo(a, out, ref_dir)
 
-    print("[4/4] exact evaluation of the trained policy over its whole response distribution")
-    views = judge.evaluate_dir(out / "ppo")
+def evaluate(a: argparse.Namespace, world: World, ckpt: Path, compute: dict) -> dict:
+    """The report (the MoCAN demo's keys) of a trained checkpoint: whole-distribution intervals
+    [lo, hi] by exact enumeration; the renormalised view beside them."""
+    views = world.judge.evaluate_dir(ckpt)
     whole = views["whole"]
-    reward, safety = W.score_table(prompts)
-    report = {
+    _, safety = W.score_table(world.prompts)
+    return {
         "algo": "ppo",
         "estimator": _flag(a.extra, "--algo.advantage.estimator", "reinforce_baseline"),
         "threshold": a.threshold,
         "beta": a.beta,
-        "lambda": solution["lam"],
+        "lambda": world.solution["lam"],
         "reference": whole["reference"],
         "reachable_safety": [float(np.mean(safety.max(axis=1)))],
-        "predicted": {k: solution["predicted"][k] for k in ("reward", "safety", "kl")},
+        "predicted": {k: world.solution["predicted"][k] for k in ("reward", "safety", "kl")},
         "optimum": whole["optimum"],
         "achieved": whole["achieved"],
         "kl_to_optimum": whole["kl_to_optimum"],
         "kl_ref_to_optimum": whole["kl_ref_to_optimum"],
         "whole": whole,
         "renormalised": views["renormalised"],
-        "ppo": {**compute, "train_ppo_ray_args": a.extra},
+        "ppo": compute,
     }
+
+
+def run(a: argparse.Namespace, out: Path) -> dict:
+    t0 = time.time()
+    world = setup(a, out)
+    print(f"[3/4] train_ppo_ray on r + lambda*.g, lambda = {world.solution['lam'][0]:.4f}, {a.ppo_steps} steps")
+    compute = train_ppo(a, out, world.ref_dir)
+    print("[4/4] exact evaluation of the trained policy over its whole response distribution")
+    report = evaluate(a, world, out / "ppo", compute)
     report["seconds"] = round(time.time() - t0, 1)
     write_json(out / "report.json", report)
     print(summary(report) + f"\nwrote {out / 'report.json'} in {report['seconds']} s")
