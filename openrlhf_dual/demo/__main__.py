@@ -1,7 +1,7 @@
 """The embedded default: CAN end to end on the enumerable toy world, checked against the exact
 constrained optimum.
 
-    python -m openrlhf_dual.demo --out DIR [--algo mocan|pecan] [--seed N] [--dual.threshold B]
+    python -m openrlhf_dual.demo --out DIR [--algo mocan|pecan|ppo] [--seed N] [--dual.threshold B]
 
 MoCAN (default): fit the tiny reference LM; prepare on a local Ray (hf sampling actors, the toy
 reward and safety scored through the real reward-file adapter, the dual, pairs); the primal step
@@ -12,7 +12,10 @@ pseudo-preference DPO, optionally with --anchor C); exact evaluation of the trai
 64 responses, side by side).
 PeCAN: the same world without reward models: Bradley-Terry preference data from the true reward
 and safety, two pre-alignment DPO runs, prepare on the implicit rewards (margin dual), PeCAN
-training, exact evaluation. Writes DIR/report.json (same keys for both) and DIR/frontier.png.
+training, exact evaluation. Writes DIR/report.json (same keys for all) and DIR/frontier.png.
+PPO (vLLM tier: needs vLLM): one-shot constrained PPO, OpenRLHF's train_ppo_ray on r + lambda*.g,
+exact evaluation over the whole response distribution (demo/ppo.py; further train_ppo_ray flags
+pass through, e.g. `--algo.advantage.estimator group_norm`).
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ from pathlib import Path
 from openrlhf_dual.demo.steps import EPOCHS, OBJECTIVES
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--algo", choices=("mocan", "pecan"), default="mocan")
+    p.add_argument("--algo", choices=("mocan", "pecan", "ppo"), default="mocan")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dual.threshold", dest="threshold", type=float, default=0.5,
                    help="E[safety] >= B in the world's true safety units (PeCAN: converted to a margin)")  # fmt: skip
@@ -38,15 +41,32 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--anchor", type=float, default=0.0, help="dpo: --dual.anchor coefficient (0: the paper's DPO)")
     p.add_argument("--epochs", type=int, default=None, help=f"of the primal step (default {EPOCHS})")
     p.add_argument("--pairs", type=int, default=128, help="PeCAN: preference pairs per prompt for each pre-alignment")
-    a = p.parse_args(argv)
+    p.add_argument("--ppo.steps", dest="ppo_steps", type=int, default=60, help="PPO: rollouts (one per episode)")
+    p.add_argument("--ppo.samples", dest="ppo_samples", type=int, default=8, help="PPO: responses per prompt per rollout")
+    p.add_argument("--ppo.minibatches", dest="ppo_minibatches", type=int, default=1,
+                   help="PPO: optimizer steps per rollout")  # fmt: skip
+    p.add_argument("--ppo.lr", dest="ppo_lr", type=float, default=2e-3)
+    p.add_argument("--ppo.reward_server", dest="ppo_reward_server", action="store_true",
+                   help="PPO: reward from openrlhf_dual.cli.serve_reward instead of the prep directory's reward file")  # fmt: skip
+    a, extra = p.parse_known_args(argv)
+    if extra and a.algo != "ppo":
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     if a.anchor and a.objective != "dpo":
         p.error("--anchor is a coefficient of the dpo objective")
     a.epochs = a.epochs or EPOCHS[a.objective]
+    a.extra = extra  # PPO: more train_ppo_ray flags, given after ours
+    return a
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
     out = Path(a.out)
     if out.exists():
         shutil.rmtree(out)
     if a.algo == "pecan":
         from openrlhf_dual.demo.pecan import run
+    elif a.algo == "ppo":
+        from openrlhf_dual.demo.ppo import run
     else:
         from openrlhf_dual.demo.mocan import run
     return run(a, out)
