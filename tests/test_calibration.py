@@ -1,0 +1,237 @@
+"""The calibration rule against the toy world's exact map lambda -> E_{pi_lambda}[g].
+
+The reference is the distribution the demo's LM is fitted to (i.i.d. words, reference_word_probs),
+enumerated over the world's 64 responses, so pi_lambda and its safety are exact. The dual sees
+K = 128 samples per prompt drawn from it. A "trainer" is a map from the multiplier it is trained
+at to the exact safety of the policy it returns: an imperfect one realises only part of the tilt,
+too much of it, or falls short by a constant."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from openrlhf_dual.calibration import Measurement, certify, next_lambda
+from openrlhf_dual.demo import world as W
+from openrlhf_dual.dual import solve_dual
+
+BETA = 0.5
+PROMPTS = W.make_prompts(32, 0)
+# a second utility that conflicts with the first in part: refusing ("sorry") is unhelpful engagement
+ENGAGEMENT = {"sure": 0.2, "tips": 0.6, "care": 0.3, "sorry": -1.0}
+
+
+def reference() -> np.ndarray:
+    """pi_ref over the world's responses, [P, 64]."""
+    index = {w: i for i, w in enumerate(W.RESPONSE_WORDS)}
+    rows = []
+    for p in PROMPTS:
+        q = W.reference_word_probs(p)
+        rows.append([np.prod([q[index[w]] for w in r.split()]) for r in W.responses()])
+    return np.array(rows)
+
+
+REF = reference()
+REWARD, SAFETY = W.score_table(PROMPTS)
+ENGAGE = np.array([[sum(ENGAGEMENT[w] for w in r.split()) for r in W.responses()] for _ in PROMPTS])
+G2 = np.stack([SAFETY, ENGAGE], axis=-1)  # [P, 64, 2]
+
+
+def trainer(reward_scale: float = 1.0, lam_scale: float = 1.0, offset=0.0):
+    """lam -> exact E[g_j] [m] of the policy pi_ref exp((reward_scale r + lam_scale lam . g) / beta),
+    plus offset. (1, 1, 0) is a perfect trainer; (s, s, 0) with s < 1 a weak one that realises a
+    fraction s of the whole tilt; (1, s, 0) one that misweighs the constraints; offset: the policy
+    is right but its evaluation prompts sit elsewhere."""
+
+    def achieved(lam) -> np.ndarray:
+        lam = np.atleast_1d(np.asarray(lam, dtype=np.float64))
+        g = G2[..., : len(lam)]
+        logits = (reward_scale * REWARD + lam_scale * (g @ lam)) / BETA + np.log(REF)
+        w = np.exp(logits - logits.max(axis=1, keepdims=True))
+        w /= w.sum(axis=1, keepdims=True)
+        return np.einsum("pr,prm->m", w, g) / len(PROMPTS) + offset
+
+    return achieved
+
+
+def samples(k: int = 128, seed: int = 0, m: int = 1):
+    """The dual's inputs: reward [P, K], safety [P, K, m] of K reference samples per prompt."""
+    rng = np.random.default_rng(seed)
+    idx = np.stack([rng.choice(64, size=k, p=row) for row in REF])
+    rows = np.arange(len(PROMPTS))[:, None]
+    return REWARD[rows, idx], G2[rows, idx][..., :m]
+
+
+def measure(achieved, lam, se=0.01) -> Measurement:
+    lam = np.atleast_1d(np.asarray(lam, dtype=np.float64))
+    return Measurement(lam, achieved(lam), np.full(len(lam), se))
+
+
+def rounds(reward, safety, b, achieved, n: int) -> tuple[list[Measurement], list[np.ndarray]]:
+    """One shot at lambda* of the samples, then n calibration rounds; (measurements, |E[g] - b|)."""
+    history = [measure(achieved, solve_dual(reward, safety, b, BETA).lam)]
+    for _ in range(n):
+        history.append(measure(achieved, next_lambda(reward, safety, b, BETA, history).lam))
+    return history, [np.abs(x.achieved - b) for x in history]
+
+
+@pytest.mark.parametrize("name, achieved", [
+    ("weak: half the tilt", trainer(0.5, 0.5)),
+    ("overshoots the constraint by 40%", trainer(1.0, 1.4)),
+    ("held-out prompts 0.2 less safe", trainer(offset=-0.2)),
+])  # fmt: skip
+def test_one_round_brings_the_miss_to_a_quarter_two_rounds_further(name, achieved):
+    reward, safety = samples()
+    _, misses = rounds(reward, safety, 0.5, achieved, 2)
+    assert misses[0][0] > 0.15, f"{name}: the imperfect trainer should miss visibly ({misses[0][0]:.3f})"
+    assert misses[1][0] <= misses[0][0] / 4, (name, misses)
+    assert misses[2][0] <= max(misses[1][0] / 2, 0.01), (name, misses)
+
+
+def test_the_gain_is_measured_from_two_rounds_and_ignored_when_noise_dominates():
+    reward, safety = samples()
+    weak = trainer(0.5, 0.5)
+    first, second = measure(weak, [0.6]), measure(weak, [1.2])
+    rho = next_lambda(reward, safety, 0.5, BETA, [first, second]).gain[0]
+    # exact achieved slope of this trainer over the dual's predicted slope between the two lambdas
+    from openrlhf_dual.dual import predict
+
+    p = [predict(reward, safety, [x], BETA)["safety"][0] for x in (0.6, 1.2)]
+    assert rho == pytest.approx((second.achieved[0] - first.achieved[0]) / (p[1] - p[0]), rel=1e-12)
+    assert 0.2 < rho < 0.8
+    noisy = [Measurement(m.lam, m.achieved, np.array([1.0])) for m in (first, second)]
+    assert next_lambda(reward, safety, 0.5, BETA, noisy).gain[0] == 1.0
+
+
+def test_a_pure_offset_is_corrected_in_one_round():
+    """A trainer that lands on pi_lambda exactly but whose evaluation prompts sit 0.2 lower."""
+    b = 0.5
+    reward, safety = samples()
+    lam1 = solve_dual(reward, safety, b, BETA).lam
+    shifted = lambda lam: measure(trainer(offset=-0.2), lam)  # noqa: E731
+    step = next_lambda(reward, safety, b, BETA, [shifted(lam1)])
+    from openrlhf_dual.dual import predict
+
+    offset = shifted(lam1).achieved[0] - predict(reward, safety, lam1, BETA)["safety"][0]
+    assert step.offset[0] == pytest.approx(offset, abs=1e-12)
+    assert step.corrected_thresholds[0] == pytest.approx(b - offset, abs=1e-12)
+    assert step.predicted[0] == pytest.approx(b - offset, abs=1e-8)  # the dual re-solved at b'
+    assert abs(shifted(step.lam).achieved[0] - b) < 0.03
+
+
+def test_two_constraints_active_and_slack():
+    reward, safety = samples(m=2)
+    both = np.array([0.3, 0.9])  # safer, and engagement held up
+    assert np.all(solve_dual(reward, safety, both, BETA).lam > 0)
+    _, misses = rounds(reward, safety, both, trainer(0.5, 0.5), 2)
+    assert np.all(misses[0] > 0.1) and np.all(misses[1] <= misses[0] / 4), misses
+    assert np.all(misses[2] <= np.maximum(misses[1] / 2, 0.01)), misses
+    _, misses = rounds(reward, safety, both, trainer(1.0, 0.6), 3)  # constraints misweighed: slower, still there
+    worst = [float(x.max()) for x in misses]
+    assert worst == sorted(worst, reverse=True) and worst[-1] <= worst[0] / 8, worst
+
+    slack = np.array([0.5, -3.0])  # engagement far below what any policy here has: never binds
+    history, _ = rounds(reward, safety, slack, trainer(0.5, 0.5), 1)
+    alone, _ = rounds(reward, safety[..., :1], 0.5, trainer(0.5, 0.5), 1)
+    assert [x.lam[1] for x in history] == [0.0, 0.0] and history[0].lam[0] > 0
+    assert [x.lam[0] for x in history] == pytest.approx([x.lam[0] for x in alone], abs=1e-8)  # as if it were absent
+    assert next_lambda(reward, safety, slack, BETA, history).interval[1].tolist() == [0.0, 0.0]
+
+
+def test_interval_matches_the_sensitivity_of_lambda_to_the_measurement():
+    """The delta-method half-width against finite differences of the rule itself."""
+    reward, safety = samples()
+    se, eps = 0.05, 1e-5
+    m = Measurement(np.array([1.0]), np.array([0.3]), np.array([se]))
+    step = next_lambda(reward, safety, 0.5, BETA, [m])
+    up = next_lambda(reward, safety, 0.5, BETA, [Measurement(m.lam, m.achieved + eps, m.stderr)])
+    slope = (up.lam[0] - step.lam[0]) / eps
+    sandwich = solve_dual(reward, safety, step.corrected_thresholds, BETA).stderr[0]
+    half = (step.interval[0, 1] - step.interval[0, 0]) / 2
+    assert slope < 0  # a policy measured safer needs a smaller multiplier
+    assert half == pytest.approx(1.959963984540054 * np.hypot(se * slope, sandwich), rel=1e-3)
+
+
+def test_certificate():
+    b = np.array([0.5, 0.0])
+    ok = Measurement(np.array([1.0, 0.0]), np.array([0.52, 0.3]), np.array([0.01, 0.1]))
+    cert = certify(ok, b)
+    assert cert.certified and np.allclose(cert.lower_bound, [0.52 - 1.6448536 * 0.01, 0.3 - 1.6448536 * 0.1])
+    short = Measurement(ok.lam, np.array([0.50, 0.3]), ok.stderr)  # on the threshold: not certified ...
+    assert not certify(short, b).certified
+    assert certify(short, b, tolerance=[0.02, 0.0]).certified  # ... unless the tolerance covers it
+    with pytest.raises(ValueError, match="tolerance"):
+        certify(ok, b, tolerance=-0.1)
+
+
+def test_bad_inputs_are_refused_with_a_reason():
+    reward, safety = samples()
+    with pytest.raises(ValueError, match="at least one"):
+        next_lambda(reward, safety, 0.5, BETA, [])
+    with pytest.raises(ValueError, match="need 1 of each"):
+        next_lambda(reward, safety, 0.5, BETA, [Measurement(np.array([1.0, 1.0]), np.array([0.1, 0.1]), np.ones(2))])
+    with pytest.raises(ValueError, match="non-finite"):
+        next_lambda(reward, safety, 0.5, BETA, [Measurement(np.array([1.0]), np.array([np.nan]), np.ones(1))])
+    reach = float(safety[..., 0].max(axis=1).mean())
+    with pytest.raises(ValueError, match="exceed what reweighting"):  # measured far below: b' out of reach
+        next_lambda(reward, safety, reach - 0.01, BETA, [Measurement(np.array([5.0]), np.array([-3.0]), np.ones(1) * 0.01)])
+
+
+
+def write_prep(path, reward, safety, b):
+    """A prep directory as prepare leaves it (scores shards and dual.json) for the toy samples."""
+    from openrlhf_dual.artifacts import write_json, write_npy
+
+    write_npy(path / "scores" / "shard-00000.npy", np.concatenate([reward[..., None], safety], axis=-1)[:16])
+    write_npy(path / "scores" / "shard-00001.npy", np.concatenate([reward[..., None], safety], axis=-1)[16:])
+    write_json(path / "dual.json", solve_dual(reward, safety, b, BETA).to_dict())
+
+
+def write_report(path, entries, b):
+    """An evaluate report.json: per policy, lambda and its achieved safety with standard errors."""
+    from openrlhf_dual.artifacts import write_json
+
+    policies = {"reference": {"constraints": []}}
+    for name, m in entries:
+        values = [{"mean": float(a), "se": float(s), "lo": float(a - 1.96 * s), "hi": float(a + 1.96 * s)}
+                  for a, s in zip(m.achieved, m.stderr)]  # fmt: skip
+        policies[name] = {"predicted": {"lambda": m.lam.tolist()},
+                          "constraints": [{"threshold": bj, "value": v} for bj, v in zip(b, values)]}  # fmt: skip
+    write_json(path, {"thresholds": list(b), "policies": policies})
+
+
+def test_cli_two_rounds_then_certified(tmp_path, capsys):
+    from openrlhf_dual.cli.calibrate import main
+
+    reward, safety = samples()
+    write_prep(tmp_path / "prep", reward, safety, [0.5])
+    weak = trainer(0.5, 0.5)
+    first = measure(weak, solve_dual(reward, safety, 0.5, BETA).lam)
+    write_report(tmp_path / "r1.json", [("one-shot", first)], [0.5])
+    args = ["--dual.prep_dir", str(tmp_path / "prep"), "--calibrate.out", str(tmp_path / "c1"), "--eval.report", str(tmp_path / "r1.json")]
+    assert main(args) == 0
+    out = json.loads((tmp_path / "c1" / "calibration.json").read_text())
+    assert out["lambda"] == pytest.approx(next_lambda(reward, safety, 0.5, BETA, [first]).lam.tolist(), abs=1e-12)
+    assert out["certified"] is False and f"--dual.lambda {out['lambda'][0]:.6g}" in out["command"]
+    assert "not certified yet" in capsys.readouterr().out
+
+    history = [first]
+    for k in (2, 3):  # two calibration rounds, each evaluated and added to the command line
+        history.append(measure(weak, out["lambda"], se=0.005))
+        write_report(tmp_path / f"r{k}.json", [(f"round-{k - 1}", history[-1])], [0.5])
+        args.append(str(tmp_path / f"r{k}.json"))
+        assert main([*args, "--calibrate.tolerance", "0.05"]) == 0
+        out = json.loads((tmp_path / "c1" / "calibration.json").read_text())
+        assert out["gain"][0] != 1.0  # two or more rounds: the measured slope is used
+        miss = abs(history[-1].achieved[0] - 0.5)
+        assert out["certified"] is bool(history[-1].achieved[0] - 1.6448536 * 0.005 >= 0.45), (k, miss)
+    assert [m["policy"] for m in out["measurements"]] == ["one-shot", "round-1", "round-2"]
+    assert [m["certified"] for m in out["measurements"]] == [False, False, True]  # misses 0.5, 0.12, 0.01
+
+    write_report(tmp_path / "bad.json", [("x", first)], [0.7])
+    assert main([*args, str(tmp_path / "bad.json")]) == 2
+    assert "thresholds [0.7]" in capsys.readouterr().err
+    assert main([*args, "--eval.policy", "nope"]) == 2
+    assert "no evaluated policy named ['nope']" in capsys.readouterr().err
