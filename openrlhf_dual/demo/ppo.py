@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ import numpy as np
 from openrlhf_dual.demo import world as W
 from openrlhf_dual.artifacts import write_json
 from openrlhf_dual.demo.steps import build_reference, prepare
-from openrlhf_dual.launch import cpu_env, ray_cluster, read_scalars
+from openrlhf_dual.launch import cpu_env, free_port, ray_cluster, read_scalars
 
 GPUS = 4  # actor, reference, critic (gae only), one vLLM engine: one GPU each
 # head_dim 32 (2 heads): vLLM's CPU attention refuses the default 16; hidden 128 (head_dim 64) does
@@ -66,16 +65,10 @@ def ppo_args(a: argparse.Namespace, out: Path, ref_dir: Path, reward_flags: list
     ]  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def reward_server(prep: Path, log: Path, timeout: float = 300.0):
     """`openrlhf_dual.cli.serve_reward` on a free loopback port for the duration; yields its URL."""
-    port = _free_port()
+    port = free_port()
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "openrlhf_dual.cli.serve_reward", "--dual.prep_dir", str(prep),
                                  "--port", str(port), "--device", "cpu"], stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
