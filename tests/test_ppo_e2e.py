@@ -65,18 +65,22 @@ def test_ppo_with_the_reward_file_lands_on_the_constrained_optimum(reward_file):
     assert r["whole"]["unseen"]["policy"] < 1e-3
 
 
-def test_serve_reward_gives_ppo_the_same_rewards(world, reward_file):
-    """The same run against `serve_reward` over HTTP: the first rollout (same seed, same weights)
-    gets the same rewards as with the reward file, to float32 precision, and training proceeds."""
+def test_serve_reward_gives_ppo_r_plus_lambda_g(world, reward_file):
+    """The same run against `serve_reward` over HTTP: at every step the reward PPO trained on is
+    r + lambda*.g of the very responses the server scored (its extra_logs), with the prep
+    directory's lambda*, as with the reward file; and training proceeds. (The two runs' rollouts
+    are not compared sample for sample: vLLM's CPU build does not repeat a seeded rollout exactly
+    from one engine start to the next; measured 1.606 vs 1.628 mean helpfulness on step 1.)"""
     r = run(world, "server", steps=3, reward_server=True)
     assert r["ppo"]["reward_source"] == "serve_reward" and r["ppo"]["steps"] == 3
-    _, out, _ = world
-    first = {}
+    _, out, w = world
+    lam = w.solution["lam"][0]
     for name in ("reward_file", "server"):
-        for tag in ("train/reward", "train/dual_reward", "train/dual_safety_0"):
-            first[name, tag] = read_scalars(out / "tensorboard" / name, tag)[0][2]
-    for tag in ("train/reward", "train/dual_reward", "train/dual_safety_0"):
-        assert first["server", tag] == pytest.approx(first["reward_file", tag], abs=1e-5), tag
+        logs = {tag: [v for _, _, v in read_scalars(out / "tensorboard" / name, f"train/{tag}")]
+                for tag in ("reward", "dual_reward", "dual_safety_0")}  # fmt: skip
+        assert len(logs["reward"]) >= 3
+        for got, rew, safe in zip(logs["reward"], logs["dual_reward"], logs["dual_safety_0"]):
+            assert got == pytest.approx(rew + lam * safe, abs=1e-5), name
     assert r["kl_to_optimum"][1] < r["kl_ref_to_optimum"][0]
 
 
