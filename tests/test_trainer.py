@@ -155,7 +155,8 @@ def test_missing_score_column_is_a_clear_error(tiny_model_dir, tmp_path):
 
     prep = write_prep_dir(tmp_path / "prep", lam=1.0, n=2)
     data = Dataset.from_list([{"prompt": "w1", "chosen": "good", "rejected": "bad"}])
-    strategy = SimpleNamespace(args=SimpleNamespace(model=SimpleNamespace(beta=0.1)))
+    args = SimpleNamespace(model=SimpleNamespace(beta=0.1), data=SimpleNamespace(apply_chat_template=False))
+    strategy = SimpleNamespace(args=args)  # OpenRLHF's parsed args always carry both sections
     with pytest.raises(ValueError, match="lacks columns.*chosen_reward"):
         PseudoPreferenceDataset(data, AutoTokenizer.from_pretrained(tiny_model_dir), 64, strategy,
                                 dual=DualConfig("mocan", str(prep)))
