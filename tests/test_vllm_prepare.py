@@ -2,7 +2,8 @@
 ones on a CPU machine), on the toy world (vLLM tier: `make test-vllm`).
 
 The world's reference is the demo's, with hidden size 64 (vLLM's CPU attention needs head_dim >=
-32). Its exact lambda* comes from demo/steps.exact_optimum.
+32). Its exact lambda* is the whole distribution's (demo.exact.ToyJudge: every response up to the
+generation cap prepare samples with, as vLLM may sample any of them).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import pytest
 
 from openrlhf_dual.artifacts import read_jsonl
 from openrlhf_dual.demo import world as W
-from openrlhf_dual.demo.steps import DPO_BATCH, build_reference, dpo, exact_optimum
+from openrlhf_dual.demo.exact import ToyJudge
+from openrlhf_dual.demo.steps import DPO_BATCH, build_reference, dpo
 from openrlhf_dual.launch import cpu_env, torchrun_launcher
 from vllm_tier import cluster, gpus_free_again  # noqa: F401  (cluster: a fixture)
 
@@ -40,9 +42,7 @@ def world(tmp_path_factory):
     torch.set_num_threads(1)  # a shared 2-core machine: OpenMP threads spin-waiting on busy cores cost 10x
     out = tmp_path_factory.mktemp("world")
     ref_dir, prompts = build_reference(out, N_PROMPTS, seed=0, hidden_size=64)
-    ref = W.exact_policy(ref_dir, prompts)
-    reward, safety = W.score_table(prompts)
-    lam, _ = exact_optimum(ref, reward, safety, THRESHOLD, BETA)
+    lam = ToyJudge(ref_dir, prompts, THRESHOLD, BETA).lam[0]
     return {"out": out, "ref": ref_dir, "prompts": prompts, "lam": lam}
 
 
