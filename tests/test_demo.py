@@ -54,8 +54,9 @@ def assert_lands_on_the_optimum(report: dict, threshold: float) -> None:
     assert opt["safety"][0][0] - 1e-3 <= threshold <= opt["safety"][0][1] + 1e-3  # lambda* meets b exactly
     assert abs(report["lambda"][0] - opt["lambda"][0]) <= 0.1 * opt["lambda"][0]
     # the acceptance: on-set mass, KL and violation, all on the whole distribution
-    assert opt["mass_on_set"][1] - opt["mass_on_set"][0] < 1e-3
-    assert abs(got["mass_on_set"][0] - opt["mass_on_set"][0]) <= 0.01, (got["mass_on_set"], opt["mass_on_set"])
+    # on-set mass within 1 point of the optimum's, whatever the true values within both intervals
+    (got_lo, got_hi), (opt_lo, opt_hi) = got["mass_on_set"], opt["mass_on_set"]
+    assert max(got_hi - opt_lo, opt_hi - got_lo) <= 0.01, (got["mass_on_set"], opt["mass_on_set"])
     assert w["kl_to_optimum"][1] <= 0.05 * w["kl_ref_to_optimum"][0], (w["kl_to_optimum"], w["kl_ref_to_optimum"])
     assert got["safety"][0][0] >= threshold - 0.1 * (threshold - ref_g), got["safety"]
 

@@ -186,7 +186,9 @@ def test_pecan_demo_meets_the_constraint_near_the_optimum(tmp_path):
     assert abs(lam - lam_pre) <= 0.05 * lam_pre, (lam, lam_pre)
     assert abs(lam - lam_opt) <= 0.1 * lam_opt, (lam, lam_opt)
     # the whole distribution: mass, constraint and distance to the optimum
-    assert abs(got["mass_on_set"][0] - opt["mass_on_set"][0]) <= 0.01, (got["mass_on_set"], opt["mass_on_set"])
+    # on-set mass within 1 point of the optimum's, whatever the true values within both intervals
+    (got_lo, got_hi), (opt_lo, opt_hi) = got["mass_on_set"], opt["mass_on_set"]
+    assert max(got_hi - opt_lo, opt_hi - got_lo) <= 0.01, (got["mass_on_set"], opt["mass_on_set"])
     assert got["safety"][0][0] >= b - 0.1 * (b - ref_g), got["safety"]
     assert w["kl_to_optimum"][1] <= PECAN_KL_BOUND * w["kl_ref_to_optimum"][0], (w["kl_to_optimum"], w["kl_ref_to_optimum"])
     assert pre["kl_exact_target_to_optimum"] < report["renormalised"]["kl_ref_to_optimum"]
