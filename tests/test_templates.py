@@ -105,11 +105,12 @@ def test_train_dpo_refuses_to_template_the_pairs_again(prep, tiny_model_dir, tmp
 
 
 def test_no_recipe_templates_prepared_pairs_again(tmp_path):
-    """Every training run on a prep directory (train_dpo with --dual.prep_dir) leaves the prompts alone."""
+    """Every training run on a prep directory (train_dpo or train_sft with --dual.prep_dir) leaves the
+    prompts alone: prepare wrote them with the template already applied."""
     runs = 0
     for recipe in sorted(RECIPES.glob("*.sh")):
         for argv in recorded_commands(recipe, tmp_path / recipe.stem):
-            if any(a.endswith("train_dpo") for a in argv) and flag_values(argv, "--dual.prep_dir"):
+            if any(a.endswith(("train_dpo", "train_sft")) for a in argv) and flag_values(argv, "--dual.prep_dir"):
                 runs += 1
                 assert "--data.input_template" not in argv and "--data.apply_chat_template" not in argv, (recipe.name, argv)
     assert runs >= 5
