@@ -84,7 +84,6 @@ def ppo_gpus(argv: list[str]) -> int:
 def stage_gpus(cmd: list[str], stated: int, prepared: dict, tmp_path: Path) -> dict[str, float]:
     """{stage: GPUs} of one recorded command. `prepared` carries the last prepare's config (evaluate inherits it)."""
     from openrlhf_dual.cli import evaluate, prepare
-    from openrlhf_dual.prep import open_manifest
     from openrlhf_dual.sampling import sampler_stage
     from openrlhf_dual.score_actors import scorer_stage
 
@@ -104,8 +103,11 @@ def stage_gpus(cmd: list[str], stated: int, prepared: dict, tmp_path: Path) -> d
         a = vars(evaluate.build_parser().parse_args(argv))
         cfg = prepared.get("cfg") or load_mocan_prepare(tmp_path, prepared)
         prep_dir = tmp_path / "evaluated-prep"
-        manifest = open_manifest(cfg.__class__(**{**cfg.__dict__, "prep_dir": str(prep_dir)}))
-        manifest["placement"] = {"num_actors": cfg.num_actors, "num_gpus_per_actor": cfg.num_gpus_per_actor, "vllm": cfg.vllm}
+        prep_dir.mkdir(exist_ok=True)
+        # the manifest fields evaluate reads (prepare's inputs and placement); no source identities:
+        # those resolve the recipes' hub names, which this offline machine cannot
+        manifest = {"inputs": json.loads(json.dumps(cfg.fingerprint())),
+                    "placement": {"num_actors": cfg.num_actors, "num_gpus_per_actor": cfg.num_gpus_per_actor, "vllm": cfg.vllm}}  # fmt: skip
         (prep_dir / "manifest.json").write_text(json.dumps(manifest))
         (prep_dir / "dual.json").write_text(json.dumps({"thresholds": list(cfg.thresholds), "beta": cfg.beta}))
         ecfg, _ = evaluate.prep_config(prep_dir, a)
