@@ -92,7 +92,8 @@ def calibrate(a: dict) -> dict:
         "offset": step.offset.tolist(),
         "gain": step.gain.tolist(),
         "predicted_safety": step.predicted.tolist(),
-        "command": f"<your train_dpo launch and flags> --dual.algo {algo} --dual.prep_dir {prep_dir} --dual.lambda {lam}",
+        "command": (f"<your openrlhf_dual.cli.train_sft launch and flags (or train_dpo, as you trained)> --dual.algo {algo} "
+                    f"--dual.prep_dir {prep_dir} --dual.lambda {lam}"),
     }
     write_json(Path(a["calibrate.out"]) / "calibration.json", result)
     return result
