@@ -50,13 +50,13 @@ def torchrun(module: str, args: list[str], *, nproc: int = 2, cwd: str | Path | 
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # drain the pipes while it stops, so its last output cannot block it
             proc.terminate()
             try:
-                proc.wait(60)
+                proc.communicate(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait()
+                proc.communicate()
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
