@@ -24,7 +24,7 @@ from openrlhf.trainer.sft_trainer import SFTTrainer
 
 from openrlhf_dual.artifacts import read_jsonl
 from openrlhf_dual.labels import sample_weights
-from openrlhf_dual.trainer import DualConfig, weighted_likelihood_loss
+from openrlhf_dual.trainer import DualConfig, lambda_logs, weighted_likelihood_loss
 
 
 def scored_samples(prep_dir: str | Path) -> tuple[list[dict], list[list[dict]], np.ndarray]:
@@ -102,7 +102,7 @@ class WeightedLikelihoodTrainer(SFTTrainer):
 
     def save_logs_and_checkpoints(self, args, global_step, step_bar, logs_dict=None, client_states=None):
         logs_dict = dict(logs_dict or {})
-        logs_dict.update({f"lambda_{j}": float(v) for j, v in enumerate(self.lam)})
+        logs_dict.update(lambda_logs(self.lam))
         super().save_logs_and_checkpoints(args, global_step, step_bar, logs_dict, client_states)
 
 

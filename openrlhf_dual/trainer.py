@@ -210,8 +210,13 @@ class MoCANTrainer(DPOTrainer):
     def save_logs_and_checkpoints(self, args, global_step, step_bar, logs_dict=None, client_states=None):
         logs_dict = dict(logs_dict or {})
         logs_dict.update(self.strategy.all_reduce(self._label_logs))
-        logs_dict.update({f"lambda_{j}": float(v) for j, v in enumerate(self.lam)})
+        logs_dict.update(lambda_logs(self.lam))
         super().save_logs_and_checkpoints(args, global_step, step_bar, logs_dict, client_states)
+
+
+def lambda_logs(lam) -> dict[str, float]:
+    """The multipliers a primal step trains with, as `lambda_j` entries of OpenRLHF's logs."""
+    return {f"lambda_{j}": float(v) for j, v in enumerate(lam)}
 
 
 def mocan_classes(dual: DualConfig) -> dict[str, partial]:
