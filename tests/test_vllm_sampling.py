@@ -83,12 +83,14 @@ def test_every_prompt_gets_exactly_k_responses_of_many_lengths(cluster, flat_lm)
     assert [len(per) for per in out] == [16] * 6
     lengths = [[len(r.token_ids) for r in per] for per in out]
     assert all(len(set(per)) > 1 for per in lengths), lengths  # every prompt's responses end at different steps
-    flat = [r for per in out for r in per]
-    assert any(r.finished for r in flat) and any(not r.finished for r in flat)
-    for r in flat:
+    flat = [(p, r) for p, per in zip(prompts, out) for r in per]
+    assert any(r.finished for _, r in flat) and any(not r.finished for _, r in flat)
+    for prompt, r in flat:
         assert 1 <= len(r.token_ids) <= 12
         assert r.finished == (r.token_ids[-1] == tok.eos_token_id) and tok.eos_token_id not in r.token_ids[:-1]
-        assert r.text == tok.decode(r.token_ids, skip_special_tokens=True)
+        # the text as it reads after its prompt (its leading space kept), of exactly these tokens
+        whole = tok.decode(tok(prompt, add_special_tokens=False)["input_ids"] + r.token_ids, skip_special_tokens=True)
+        assert whole.endswith(r.text) and r.text.strip() == tok.decode(r.token_ids, skip_special_tokens=True).strip()
 
 
 def chi_square_p(counts: np.ndarray, probs: np.ndarray) -> float:
