@@ -163,7 +163,8 @@ def test_demo_pipeline_through_vllm_and_four_policies_evaluated_in_a_row(recipe_
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert gpus_free_again()
     report = json.loads((tmp_path / "eval" / "report.json").read_text())["policies"]
-    assert list(report) == ["reference", "mocan", "mocan-again", "reference-a", "reference-b"]
+    # every policy evaluated (report.json is written with sorted keys, so its order says nothing)
+    assert sorted(report) == ["mocan", "mocan-again", "reference", "reference-a", "reference-b"]
     # the world's truth: the reference violates b; the trained policy lands on it (E_opt[g] = b exactly)
     ref, mocan = report["reference"], report["mocan"]
     assert ref["safety"][0]["hi"] < THRESHOLD, ref["safety"]
