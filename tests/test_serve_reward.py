@@ -5,14 +5,18 @@ scoring with an OpenRLHF reward model (saved by OpenRLHF's own class) and a rewa
 
 from __future__ import annotations
 
+import http.client
 import json
 import random
 import runpy
+import select
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -207,10 +211,27 @@ def test_malformed_request_is_refused_with_its_reason(server, name):
 
 
 def test_oversized_chunked_body_is_refused_before_it_is_read_whole(server):
+    """A chunked body of up to 1024 x the limit, sent 4 KiB at a time over a raw socket that stops
+    sending once the answer arrives (urllib would write it all first and could die on a broken pipe
+    when the server closes early): 413 with the reason, before the body was sent whole."""
     url, _ = server
-    chunks = (b"x" * 4096 for _ in range(4 * MAX_BODY // 4096))  # no Content-Length: chunked transfer
-    status, answer = post(url, chunks)
-    assert status == 413 and "--max_body_bytes" in answer["error"]
+    host, port = urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port
+    total, sent = 1024 * MAX_BODY, 0
+    chunk = b"1000\r\n" + b"x" * 4096 + b"\r\n"
+    with socket.create_connection((host, port), timeout=60) as sock:
+        sock.sendall(b"POST /get_reward HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n" % host.encode())  # fmt: skip
+        try:
+            while sent < total and not select.select([sock], [], [], 0)[0]:
+                sock.sendall(chunk)
+                sent += 4096
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed; its answer is still readable
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        status, reply = answer.status, json.loads(answer.read())
+    assert status == 413 and "--max_body_bytes" in reply["error"]
+    assert sent < total, "the server read the whole oversized body before refusing it"
 
 
 def test_fuzz_no_5xx_and_every_good_request_between_answered_right(server, prep):
