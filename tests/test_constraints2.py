@@ -21,8 +21,10 @@ from scipy.special import logsumexp
 
 from openrlhf_dual.demo import world as W
 from openrlhf_dual.demo.__main__ import THRESHOLDS
-from openrlhf_dual.demo.whole import Enumeration, exact_multiplier, optimum_distribution
+from openrlhf_dual.demo.tree import log_prob_floor
+from openrlhf_dual.demo.whole import Enumeration, exact_multiplier, optimum_distribution, whole_distribution
 from openrlhf_dual.launch import cpu_env
+from test_whole import enumerations as tree_enumerations, grow, models  # noqa: F401 (models: test_whole's fixture)
 
 BETA = 0.5
 PROMPTS = W.make_prompts(32, 0)
@@ -142,6 +144,39 @@ def test_the_second_constraint_conflicts_with_the_first_and_reward_files_score_i
     assert [name for name, _ in W.CONSTRAINT_FILES] == ["safety.py", "engagement.py"]
     with pytest.raises(ValueError, match="2 constraints"):
         W.score_table(PROMPTS, 3)
+
+
+def test_whole_distribution_bounds_hold_with_two_constraints(models):
+    """demo.whole with m = 2 (a tiny LM and a perturbed copy, random token values for r, g_1, g_2):
+    a full enumeration gives the directly computed values, pruned ones bracket them."""
+    policy, ref, eos, values, heads = models
+    values = np.c_[values, np.random.default_rng(1).normal(size=len(values))]  # [V, 3]
+    lam = np.array([0.8, 0.4])
+    full = tree_enumerations(grow([policy, ref], heads, eos, 0.0, values), values, eos)
+    truth = {"kl": [], "kl_ref": [], "g": [], "opt_g": []}
+    for e in full:
+        p, r = np.exp(e.logp), np.exp(e.logp_ref)
+        q = r * np.exp((e.scores[:, 0] + e.scores[:, 1:] @ lam) / BETA)
+        q /= q.sum()
+        truth["kl"].append(np.sum(p * np.log(p / q)))
+        truth["kl_ref"].append(np.sum(r * np.log(r / q)))
+        truth["g"].append(p @ e.scores[:, 1:])
+        truth["opt_g"].append(q @ e.scores[:, 1:])
+    truth = {k: np.mean(v, axis=0) for k, v in truth.items()}
+    bound = -log_prob_floor(ref)
+
+    def pairs(w):
+        return [(w["kl_to_optimum"], truth["kl"]), (w["kl_ref_to_optimum"], truth["kl_ref"])] + [
+            (w["policy"]["safety"][j], truth["g"][j]) for j in range(2)] + [
+            (w["optimum"]["safety"][j], truth["opt_g"][j]) for j in range(2)]  # fmt: skip
+
+    for got, want in pairs(whole_distribution(full, optimum_distribution(full, lam, BETA), lam, BETA, bound)):
+        np.testing.assert_allclose(got, [want, want], rtol=1e-9, atol=1e-12)  # nothing unseen: no width
+    assert truth["kl"] > 0.05 and abs(truth["g"][0] - truth["g"][1]) > 0.01  # two different constraints
+    ref_part = tree_enumerations(grow([ref], heads, eos, 1e-3, values), values, eos)
+    both = tree_enumerations(grow([policy, ref], heads, eos, 1e-3, values), values, eos)
+    for (lo, hi), want in pairs(whole_distribution(both, optimum_distribution(ref_part, lam, BETA), lam, BETA, bound)):
+        assert lo - 1e-12 <= want <= hi + 1e-12 and hi > lo, (lo, want, hi)
 
 
 def run_demo(out: Path, seed: int, thresholds) -> tuple[dict, str]:
