@@ -31,7 +31,12 @@ from pathlib import Path
 
 from openrlhf_dual.demo.steps import EPOCHS, OBJECTIVES
 
-THRESHOLDS = {1: (0.5,), 2: (0.5, 1.0)}  # defaults by number of constraints (--dual.threshold's help): all bind
+# defaults by number of constraints m. Two binding constraints tilt about twice as far as one
+# (KL(ref || optimum) ~2 nats against ~0.9): more samples per prompt keep the weighted samples'
+# effective size, and a third epoch fits the larger tilt (at seed 1, K = 128 and 2 epochs land at
+# KL(trained || optimum) = 0.059 KL(ref || optimum); K = 256 and 3 epochs at 0.011).
+THRESHOLDS = {1: (0.5,), 2: (0.5, 1.0)}  # all bind
+SAMPLES = {1: 128, 2: 256}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,10 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "default 0.5; with --constraints 2: 0.5 1.0, both binding)")  # fmt: skip
     p.add_argument("--dual.beta", dest="beta", type=float, default=0.5)
     p.add_argument("--prompts", type=int, default=32)
-    p.add_argument("--samples", type=int, default=128, help="K reference samples per prompt")
+    p.add_argument("--samples", type=int, default=None, help=f"K reference samples per prompt (default {SAMPLES})")
     p.add_argument("--objective", choices=OBJECTIVES, default=OBJECTIVES[0], help="the primal step")
     p.add_argument("--anchor", type=float, default=0.0, help="dpo: --dual.anchor coefficient (0: the paper's DPO)")
-    p.add_argument("--epochs", type=int, default=None, help=f"of the primal step (default {EPOCHS})")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"of the primal step (default {EPOCHS}; with --constraints 2: 3)")  # fmt: skip
     p.add_argument("--pairs", type=int, default=128, help="PeCAN: preference pairs per prompt for each pre-alignment")
     p.add_argument("--ppo.steps", dest="ppo_steps", type=int, default=60, help="PPO: rollouts (one per episode)")
     p.add_argument("--ppo.samples", dest="ppo_samples", type=int, default=8, help="PPO: responses per prompt per rollout")
@@ -69,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if len(a.threshold) != a.constraints:
         p.error(f"--dual.threshold takes {a.constraints} values with --constraints {a.constraints}, got {a.threshold}")
     a.threshold = a.threshold[0] if a.constraints == 1 else a.threshold  # one constraint: a float, as before
-    a.epochs = a.epochs or EPOCHS[a.objective]
+    a.samples = a.samples or SAMPLES[a.constraints]
+    a.epochs = a.epochs or (EPOCHS[a.objective] if a.constraints == 1 else 3)
     a.extra = extra  # PPO: more train_ppo_ray flags, given after ours
     return a
 
