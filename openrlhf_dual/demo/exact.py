@@ -9,7 +9,8 @@
   / beta) / Z and its lambda* [m] are defined over the same space, Z included. Enumerated by
   demo.tree down to a probability floor `eps` (every prefix of the world's responses always
   expanded, so the mass on the set is exact), bounded beyond it by demo.whole: every number is an
-  interval [lo, hi]. What it cannot see: what an uncapped generator would write past the cap (only that it went on).
+  interval [lo, hi]. What it cannot see: what an uncapped generator would write past the cap
+  (only that it went on).
 - "renormalised": both distributions restricted to the world's 64 responses and renormalised
   there (what the demos reported before; blind to mass that leaves the set).
 """

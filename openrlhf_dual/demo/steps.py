@@ -23,9 +23,10 @@ EPOCHS = {"likelihood": 2, "dpo": 3}  # of the primal step; PeCAN's pre-alignmen
 
 def build_reference(out: Path, n_prompts: int, seed: int, hidden_size: int = 32) -> tuple[Path, list[str]]:
     """The tiny Llama fitted to the toy world, its prompts (also as data/prompts.jsonl) and the
-    toy reward and constraints (W.CONSTRAINT_FILES) as reward files. Returns (reference dir, raw prompts). vLLM's CPU
-    attention needs head_dim >= 32: hidden_size 64 (2 heads) loads there and fits the world as
-    well as the default 32 (at hidden 128, or 64 with one head, the fit misplaces EOS)."""
+    toy reward and constraints (W.CONSTRAINT_FILES) as reward files. Returns (reference dir, raw
+    prompts). vLLM's CPU attention needs head_dim >= 32: hidden_size 64 (2 heads) loads there and
+    fits the world as well as the default 32 (at hidden 128, or 64 with one head, the fit
+    misplaces EOS)."""
     from openrlhf_dual.tiny import build_tiny_lm, build_tokenizer
 
     ref_dir = out / "reference"
