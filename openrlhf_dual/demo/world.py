@@ -7,7 +7,8 @@ are sums of per-word values; on risky prompts the unsafe words cost twice as muc
 constraint, engagement (ENGAGEMENT), conflicts with safety in part: refusing is safe but
 unengaged, giving tips engaged and only mildly unsafe. CONSTRAINTS lists the world's constraint
 functions in order; a run with m constraints uses the first m. The reference policy is a tiny
-Llama fitted in-process to a prompt-dependent distribution over these responses. Exact quantities condition the LM on this response set (the reference puts ~all its mass there).
+Llama fitted in-process to a prompt-dependent distribution over these responses. Exact quantities
+condition the LM on this response set (the reference puts ~all its mass there).
 """
 
 from __future__ import annotations
