@@ -180,7 +180,8 @@ def test_whole_distribution_bounds_hold_with_two_constraints(models):
 
 
 def run_demo(out: Path, seed: int, thresholds) -> tuple[dict, str]:
-    """`python -m openrlhf_dual.demo --constraints 2` (MoCAN, weighted likelihood); (report, stdout)."""
+    """`python -m openrlhf_dual.demo --constraints 2` (MoCAN, weighted likelihood) into out;
+    (report, stdout)."""
     proc = subprocess.run(
         [sys.executable, "-m", "openrlhf_dual.demo", "--out", str(out), "--seed", str(seed), "--constraints", "2",
          "--dual.threshold", *map(str, thresholds)],
@@ -216,9 +217,10 @@ def demos(tmp_path_factory):
     """Demo outputs by (seed, thresholds), run on first use."""
     root, done = tmp_path_factory.mktemp("demo2"), {}
 
-    def get(seed: int, thresholds) -> tuple[dict, str]:
+    def get(seed: int, thresholds) -> tuple[dict, str, Path]:
         if (seed, thresholds) not in done:
-            done[seed, thresholds] = run_demo(root / f"seed{seed}-{len(done)}", seed, thresholds)
+            out = root / f"seed{seed}-{len(done)}"
+            done[seed, thresholds] = (*run_demo(out, seed, thresholds), out)
         return done[seed, thresholds]
 
     return get
@@ -227,7 +229,7 @@ def demos(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_two_binding_constraints_are_met_on_the_whole_distribution(seed, demos):
-    report, stdout = demos(seed, BOTH)
+    report, stdout, _ = demos(seed, BOTH)
     exact, ref = report["whole"]["optimum"]["lambda"], report["whole"]["reference"]["safety"]
     assert min(exact) > 0.3, exact  # both bind
     assert all(hi < b for (lo, hi), b in zip(ref, BOTH))  # the reference misses both
@@ -242,8 +244,32 @@ def test_one_slack_one_active_constraint(demos):
     """Engagement's bar below what pi_lambda* for safety alone gives: lambda_2 = 0 exactly, in the
     whole-distribution optimum and in the dual of prepare's samples, and the trained policy
     meets both (training lowers engagement, so the slack one is checked too)."""
-    report, _ = demos(0, SLACK)
+    report, _, _ = demos(0, SLACK)
     exact = report["whole"]["optimum"]["lambda"]
     assert exact[1] == 0.0 and report["lambda"][1] == 0.0 and exact[0] > 0.3, (exact, report["lambda"])
     assert report["whole"]["achieved"]["safety"][1][1] < report["whole"]["reference"]["safety"][1][0]  # it moved
     assert_meets_both(report, SLACK)
+
+
+@pytest.mark.slow
+def test_evaluate_reads_both_constraints_and_brackets_the_exact_values(demos, tmp_path):
+    """openrlhf_dual.cli.evaluate on the two-constraint prep directory: one verdict per constraint,
+    and its sampled intervals of reward, each E[g_j] and KL contain the exact whole-distribution
+    values of the trained policy."""
+    report, _, out = demos(1, BOTH)
+    proc = subprocess.run(
+        [sys.executable, "-m", "openrlhf_dual.cli.evaluate", "--dual.prep_dir", str(out / "prep"),
+         "--eval.policy", f"mocan={out / 'mocan'}", "--eval.out", str(tmp_path / "eval"),
+         "--data.prompt_dataset", str(out / "data" / "prompts.jsonl"), "--data.max_samples", "32",
+         "--rollout.n_samples_per_prompt", "16"],
+        env=cpu_env(), capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = json.loads((tmp_path / "eval" / "report.json").read_text())["policies"]["mocan"]
+    assert [c["threshold"] for c in got["constraints"]] == list(BOTH)
+    exact = report["whole"]["achieved"]
+    pairs = [(got["reward"], exact["reward"]), (got["kl"], exact["kl"])]
+    pairs += [(got["safety"][j], exact["safety"][j]) for j in range(2)]
+    for est, (lo, hi) in pairs:
+        assert est["lo"] <= hi and lo <= est["hi"], (est, lo, hi)
+    assert got["safety"][1]["mean"] > json.loads((out / "prep" / "dual.json").read_text())["reference"]["safety"][1]
