@@ -19,24 +19,10 @@ from openrlhf_dual.dual import solve_dual
 
 BETA = 0.5
 PROMPTS = W.make_prompts(32, 0)
-# a second utility that conflicts with the first in part: refusing ("sorry") is unhelpful engagement
-ENGAGEMENT = {"sure": 0.2, "tips": 0.6, "care": 0.3, "sorry": -1.0}
 
 
-def reference() -> np.ndarray:
-    """pi_ref over the world's responses, [P, 64]."""
-    index = {w: i for i, w in enumerate(W.RESPONSE_WORDS)}
-    rows = []
-    for p in PROMPTS:
-        q = W.reference_word_probs(p)
-        rows.append([np.prod([q[index[w]] for w in r.split()]) for r in W.responses()])
-    return np.array(rows)
-
-
-REF = reference()
-REWARD, SAFETY = W.score_table(PROMPTS)
-ENGAGE = np.array([[sum(ENGAGEMENT[w] for w in r.split()) for r in W.responses()] for _ in PROMPTS])
-G2 = np.stack([SAFETY, ENGAGE], axis=-1)  # [P, 64, 2]
+REF = W.reference_table(PROMPTS)  # pi_ref over the world's responses, [P, 64]
+REWARD, G2 = W.score_table(PROMPTS, 2)  # [P, 64], [P, 64, 2]: safety, then engagement (in part at odds with it)
 
 
 def trainer(reward_scale: float = 1.0, lam_scale: float = 1.0, offset=0.0):

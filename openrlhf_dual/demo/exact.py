@@ -4,12 +4,13 @@
   `cap` new tokens returns (the cap prepare samples with: the world's 3 words and EOS): a
   finished response (ending in EOS within the cap) or an unfinished one (`cap` tokens without
   EOS, counted off the set and scored on the text it has at the cap). Every response of that
-  space, not only the world's 64, is scored by the world's own toy_reward and toy_safety (which
-  read any text); the constrained optimum pi_lambda* = pi_ref exp((r + lambda* g) / beta) / Z and
-  its lambda* are defined over the same space, Z included. Enumerated by demo.tree down to a
-  probability floor `eps` (every prefix of the world's responses always expanded, so the mass on
-  the set is exact), bounded beyond it by demo.whole: every number is an interval [lo, hi]. What
-  it cannot see: what an uncapped generator would write past the cap (only that it went on).
+  space, not only the world's 64, is scored by the world's own toy_reward and constraint
+  functions (which read any text); the constrained optimum pi_lambda* = pi_ref exp((r + lambda*.g)
+  / beta) / Z and its lambda* [m] are defined over the same space, Z included. Enumerated by
+  demo.tree down to a probability floor `eps` (every prefix of the world's responses always
+  expanded, so the mass on the set is exact), bounded beyond it by demo.whole: every number is an
+  interval [lo, hi]. What it cannot see: what an uncapped generator would write past the cap
+  (only that it went on).
 - "renormalised": both distributions restricted to the world's 64 responses and renormalised
   there (what the demos reported before; blind to mass that leaves the set).
 """
@@ -27,6 +28,11 @@ from openrlhf_dual.demo.whole import Enumeration, exact_multiplier, optimum_dist
 EPS = 1e-6  # enumeration floor: a prefix is expanded when the judged policy gives it more
 
 
+def columns(safety: np.ndarray) -> np.ndarray:
+    """safety [P, R] (one constraint) or [P, R, m] as [P, R, m]."""
+    return safety.reshape(*safety.shape[:2], -1)
+
+
 def tilt(ref: W.ExactPolicy, logits: np.ndarray) -> W.ExactPolicy:
     """pi_ref exp(logits) / Z per prompt, on the world's set; logits [P, 64] in nats."""
     x = logits + np.log(ref.probs)
@@ -34,18 +40,21 @@ def tilt(ref: W.ExactPolicy, logits: np.ndarray) -> W.ExactPolicy:
     return W.ExactPolicy(probs / probs.sum(axis=1, keepdims=True))
 
 
-def exact_optimum(ref: W.ExactPolicy, reward: np.ndarray, safety: np.ndarray, threshold: float, beta: float):
-    """lambda* and pi_lambda* on the world's set, renormalised (pi_ref conditioned on the set), via
-    the dual core: logmeanexp over responses of (r + beta log pi_ref + lam g) / beta."""
+def exact_optimum(ref: W.ExactPolicy, reward: np.ndarray, safety: np.ndarray, thresholds, beta: float):
+    """lambda* [m] and pi_lambda* on the world's set, renormalised (pi_ref conditioned on the set),
+    via the dual core: logmeanexp over responses of (r + beta log pi_ref + lam . g) / beta.
+    safety [P, 64] or [P, 64, m], thresholds a float or [m]."""
     from openrlhf_dual.dual import solve_dual
 
-    lam = float(solve_dual(reward + beta * np.log(ref.probs), safety, threshold, beta).lam[0])
-    return lam, tilt(ref, (reward + lam * safety) / beta)
+    lam = np.asarray(solve_dual(reward + beta * np.log(ref.probs), safety, thresholds, beta).lam, dtype=np.float64)
+    return lam, tilt(ref, (reward + columns(safety) @ lam) / beta)
 
 
 def summary(policy: W.ExactPolicy, reward: np.ndarray, safety: np.ndarray, ref: W.ExactPolicy) -> dict:
-    """E[r], E[g] ([1]) and KL(policy || reference) in nats, on the set."""
-    return {"reward": policy.expect(reward), "safety": [policy.expect(safety)], "kl": policy.kl(ref)}
+    """E[r], E[g_j] ([m]) and KL(policy || reference) in nats, on the set."""
+    g = columns(safety)
+    return {"reward": policy.expect(reward), "safety": [policy.expect(g[..., j]) for j in range(g.shape[2])],
+            "kl": policy.kl(ref)}  # fmt: skip
 
 
 def load_lm(model_dir: str | Path):
@@ -59,30 +68,33 @@ def load_lm(model_dir: str | Path):
 
 class ToyJudge:
     """Both views of any policy on the world's `prompts`, against the reference in `ref_dir`, for
-    E[safety] >= threshold with KL coefficient beta. The reference's enumeration and lambda* are
-    computed once. Responses are scored by the world's toy_reward and toy_safety token by token
-    (both are sums over words; a token is at most one word)."""
+    E[g_j] >= threshold_j (`threshold`: a float, one constraint, or [m]: the world's first m
+    CONSTRAINTS) with KL coefficient beta. The reference's enumeration and lambda* are computed
+    once. Responses are scored by the world's toy_reward and constraint functions token by token
+    (all are sums over words; a token is at most one word)."""
 
-    def __init__(self, ref_dir: str | Path, prompts: list[str], threshold: float, beta: float,
+    def __init__(self, ref_dir: str | Path, prompts: list[str], threshold, beta: float,
                  cap: int = W.RESPONSE_LEN + 1, eps: float = EPS):  # fmt: skip
         self.ref, self.tok = load_lm(ref_dir)
         self.prompts, self.threshold, self.beta, self.cap, self.eps = prompts, threshold, beta, cap, eps
+        self.thresholds = np.atleast_1d(np.asarray(threshold, dtype=np.float64))
+        funcs = (W.toy_reward, *W.CONSTRAINTS[: len(self.thresholds)])
         self.eos = self.tok.eos_token_id
         self.heads = [self.tok(W.format_prompt(self.tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
         words = [tuple(self.tok(r, add_special_tokens=False)["input_ids"]) for r in W.responses()]
         self.set_index = {seq: j for j, seq in enumerate(words)}  # a response: these tokens, then EOS
         self.keep = {seq[:d] for seq in words for d in range(1, len(seq) + 1)}
         texts = [self.tok.decode([v], skip_special_tokens=True) for v in range(self.ref.config.vocab_size)]
-        self.token_scores = [np.array([[W.toy_reward(p, t), W.toy_safety(p, t)] for t in texts]) for p in prompts]
+        self.token_scores = [np.array([[f(p, t) for f in funcs] for t in texts]) for p in prompts]
         self.token_log_ratio = -log_prob_floor(self.ref)
         self._ref_memo: dict = {}
 
-        self.reward, self.safety = W.score_table(prompts)
+        self.reward, self.safety = W.score_table(prompts, len(self.thresholds))  # safety [P, 64] or [P, 64, m]
         ref_trees = self._expand([self.ref])
         self.ref_set = self._on_set(ref_trees, 0)
-        self.lam_renormalised, self.opt_set = exact_optimum(self.ref_set, self.reward, self.safety, threshold, beta)
+        self.lam_renormalised, self.opt_set = exact_optimum(self.ref_set, self.reward, self.safety, self.thresholds, beta)
         ref_enums = [self._enumeration(i, t, 0, 0) for i, t in enumerate(ref_trees)]
-        self.lam = exact_multiplier(ref_enums, [threshold], beta)
+        self.lam = exact_multiplier(ref_enums, self.thresholds, beta)
         self.optimum = optimum_distribution(ref_enums, self.lam, beta)  # the reference and pi_lambda*, whole
         self.reference = self.optimum["reference"]
 
@@ -119,10 +131,10 @@ class ToyJudge:
         on_set = self._on_set(trees, 0)
         enums = [self._enumeration(i, t, 0, 1) for i, t in enumerate(trees)]
         whole = whole_distribution(enums, self.optimum, self.lam, self.beta, self.token_log_ratio)
-        reference = {"reward": self.ref_set.expect(self.reward), "safety": [self.ref_set.expect(self.safety)]}
+        reference = {k: v for k, v in summary(self.ref_set, self.reward, self.safety, self.ref_set).items() if k != "kl"}
         renormalised = {
             "reference": reference,
-            "optimum": {"lambda": [self.lam_renormalised], **summary(self.opt_set, self.reward, self.safety, self.ref_set)},
+            "optimum": {"lambda": self.lam_renormalised.tolist(), **summary(self.opt_set, self.reward, self.safety, self.ref_set)},
             "achieved": summary(on_set, self.reward, self.safety, self.ref_set),
             "kl_to_optimum": on_set.kl(self.opt_set),
             "kl_ref_to_optimum": self.ref_set.kl(self.opt_set),

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from openrlhf_dual.demo.exact import ToyJudge
+from openrlhf_dual.demo import world as W
+from openrlhf_dual.demo.exact import ToyJudge, columns
 from openrlhf_dual.demo.steps import build_reference, finish, prepare, primal_step
 
 
@@ -17,25 +18,31 @@ def run(a: argparse.Namespace, out: Path) -> dict:
     t0 = time.time()
     print(f"[1/4] reference: tiny Llama fitted to the toy world ({a.prompts} prompts, 64 responses each)")
     ref_dir, prompts = build_reference(out, a.prompts, a.seed)
+    thresholds = np.atleast_1d(a.threshold).tolist()  # one per constraint: the world's first m
     judge = ToyJudge(ref_dir, prompts, a.threshold, a.beta)
 
     print(f"[2/4] prepare: {a.samples} samples per prompt on a local Ray, scored, dual solved, pairs written")
     prep = out / "prep"
-    solution = prepare(out, ref_dir, f"file:{out / 'reward.py'}", f"file:{out / 'safety.py'},sign=+1", a.threshold,
-                       a.beta, a.prompts, a.samples, a.seed)  # fmt: skip
-    shutil.copy(prep / "frontier.png", out / "frontier.png")
+    safety = [f"file:{out / name},sign=+1" for name, _ in W.CONSTRAINT_FILES[: len(thresholds)]]
+    solution = prepare(out, ref_dir, f"file:{out / 'reward.py'}", safety, thresholds, a.beta, a.prompts, a.samples,
+                       a.seed)  # fmt: skip
+    if (prep / "frontier.png").exists():  # one constraint: the frontier curve
+        shutil.copy(prep / "frontier.png", out / "frontier.png")
 
-    print(f"[3/4] MoCAN primal step ({a.objective}) with OpenRLHF's trainer, lambda = {solution['lam'][0]:.4f}")
+    lams = ", ".join(f"{x:.4f}" for x in solution["lam"])
+    print(f"[3/4] MoCAN primal step ({a.objective}) with OpenRLHF's trainer, lambda = {lams}")
     ckpt = primal_step(out, "mocan", a, ref_dir, "mocan")
 
     print("[4/4] exact evaluation of the trained policy by enumeration (whole distribution and renormalised)")
     report = {
         "algo": "mocan",
         "objective": a.objective,
-        "threshold": a.threshold,
+        **({"threshold": thresholds[0]} if len(thresholds) == 1 else {}),  # one constraint: a float, as before
+        "thresholds": thresholds,
         "beta": a.beta,
         "lambda": solution["lam"],
-        "reachable_safety": [float(np.mean(judge.safety.max(axis=1)))],  # over the world's 64 responses
+        "lambda_stderr": solution["stderr"],  # the dual's sandwich standard error over prompts, per constraint
+        "reachable_safety": columns(judge.safety).max(axis=1).mean(axis=0).tolist(),  # over the world's 64 responses
         "predicted": {k: solution["predicted"][k] for k in ("reward", "safety", "kl")},
         **judge.evaluate_dir(ckpt),
     }

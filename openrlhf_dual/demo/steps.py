@@ -5,8 +5,10 @@ OpenRLHF's SFT trainer), the report."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 
 from openrlhf_dual.artifacts import write_json, write_jsonl
 from openrlhf_dual.demo import world as W
@@ -21,9 +23,10 @@ EPOCHS = {"likelihood": 2, "dpo": 3}  # of the primal step; PeCAN's pre-alignmen
 
 def build_reference(out: Path, n_prompts: int, seed: int, hidden_size: int = 32) -> tuple[Path, list[str]]:
     """The tiny Llama fitted to the toy world, its prompts (also as data/prompts.jsonl) and the
-    toy reward and safety as reward files. Returns (reference dir, raw prompts). vLLM's CPU
-    attention needs head_dim >= 32: hidden_size 64 (2 heads) loads there and fits the world as
-    well as the default 32 (at hidden 128, or 64 with one head, the fit misplaces EOS)."""
+    toy reward and constraints (W.CONSTRAINT_FILES) as reward files. Returns (reference dir, raw
+    prompts). vLLM's CPU attention needs head_dim >= 32: hidden_size 64 (2 heads) loads there and
+    fits the world as well as the default 32 (at hidden 128, or 64 with one head, the fit
+    misplaces EOS)."""
     from openrlhf_dual.tiny import build_tiny_lm, build_tokenizer
 
     ref_dir = out / "reference"
@@ -33,19 +36,23 @@ def build_reference(out: Path, n_prompts: int, seed: int, hidden_size: int = 32)
     W.fit_reference(ref_dir, prompts, seed=seed)
     write_jsonl(out / "data" / "prompts.jsonl", [{"input": x} for x in prompts])
     (out / "reward.py").write_text(W.REWARD_FILE)
-    (out / "safety.py").write_text(W.SAFETY_FILE)
+    for name, text in W.CONSTRAINT_FILES:
+        (out / name).write_text(text)
     return ref_dir, prompts
 
 
-def prepare(out: Path, ref_dir: Path, reward: str, safety: str, threshold: float, beta: float, n_prompts: int,
-            n_samples: int, seed: int, algo: str = "mocan") -> dict:  # fmt: skip
-    """The dual step on the world's prompts (out/data/prompts.jsonl) into out/prep; returns dual.json."""
+def prepare(out: Path, ref_dir: Path, reward: str, safety: str | Sequence[str], threshold: float | Sequence[float],
+            beta: float, n_prompts: int, n_samples: int, seed: int, algo: str = "mocan") -> dict:  # fmt: skip
+    """The dual step on the world's prompts (out/data/prompts.jsonl) into out/prep, with one safety
+    source and threshold, or one of each per constraint; returns dual.json."""
     from openrlhf_dual.prep import PrepConfig, run_prepare
 
+    safety = (safety,) if isinstance(safety, str) else tuple(safety)
+    thresholds = tuple(float(b) for b in np.atleast_1d(threshold))
     return run_prepare(
         PrepConfig(
             prep_dir=str(out / "prep"), ref_model=str(ref_dir), prompt_dataset=str(out / "data" / "prompts.jsonl"),
-            reward=reward, safety=(safety,), thresholds=(threshold,), beta=beta, algo=algo, apply_chat_template=True,
+            reward=reward, safety=safety, thresholds=thresholds, beta=beta, algo=algo, apply_chat_template=True,
             max_samples=n_prompts, n_samples=n_samples, max_new_tokens=W.RESPONSE_LEN + 1, seed=seed, shard_size=16,
         )
     )  # fmt: skip
@@ -107,19 +114,26 @@ def finish(out: Path, report: dict, t0: float) -> dict:
     def span(x, fmt="+.3f"):
         return f"[{x[0]:{fmt}}, {x[1]:{fmt}}]"
 
+    thresholds = report["thresholds"] if "thresholds" in report else [report["threshold"]]
+    lines = [
+        f"  threshold {b:+.3f}: {W.CONSTRAINTS[j].__name__.removeprefix('toy_')} reference {span(ref['safety'][j])} -> "
+        f"achieved {span(got['safety'][j])} (optimum {span(opt['safety'][j])}); lambda from samples "
+        f"{report['lambda'][j]:.4f} vs exact {opt['lambda'][j]:.4f}\n"
+        for j, b in enumerate(thresholds)
+    ]
+    wrote = " and ".join(str(out / f) for f in ("report.json", "frontier.png") if (out / f).exists())
     print(
         f"\nwhole distribution (every response up to {w['generation_cap']} tokens; intervals bound what the "
         f"enumeration did not reach):\n"
-        f"  threshold {report['threshold']:+.3f}: safety reference {span(ref['safety'][0])} -> achieved "
-        f"{span(got['safety'][0])} (optimum {span(opt['safety'][0])})\n"
+        + "".join(lines) +
         f"  reward {span(ref['reward'])} -> {span(got['reward'])} (optimum {span(opt['reward'])})\n"
         f"  mass on the world's 64 responses: reference {ref['mass_on_set'][0]:.2%}, optimum {opt['mass_on_set'][0]:.2%}, "
         f"trained {got['mass_on_set'][0]:.2%} (worst prompt {got['mass_on_set_min_prompt']:.2%})\n"
-        f"  lambda from samples {report['lambda'][0]:.4f} vs exact {opt['lambda'][0]:.4f}\n"
         f"  KL(trained || optimum) {span(w['kl_to_optimum'], '.4f')} vs KL(reference || optimum) "
         f"{span(w['kl_ref_to_optimum'], '.4f')}\n"
         f"renormalised to the 64 responses (blind to mass leaving them): KL(trained || optimum) "
-        f"{r['kl_to_optimum']:.4f} vs {r['kl_ref_to_optimum']:.4f}, safety {r['achieved']['safety'][0]:+.3f}\n"
-        f"wrote {out / 'report.json'} and {out / 'frontier.png'} in {report['seconds']} s"
-    )
+        f"{r['kl_to_optimum']:.4f} vs {r['kl_ref_to_optimum']:.4f}, safety "
+        + ", ".join(f"{x:+.3f}" for x in r["achieved"]["safety"]) +
+        f"\nwrote {wrote} in {report['seconds']} s"
+    )  # fmt: skip
     return report

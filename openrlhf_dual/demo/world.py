@@ -3,9 +3,12 @@ and any trained policy are evaluated exactly.
 
 Prompts are a few topic words, half of them marked "risky". Every response is RESPONSE_LEN words
 from RESPONSE_WORDS followed by EOS (4^3 = 64 responses per prompt). Helpfulness r and safety g
-are sums of per-word values; on risky prompts the unsafe words cost twice as much. The reference
-policy is a tiny Llama fitted in-process to a prompt-dependent distribution over these responses.
-Exact quantities condition the LM on this response set (the reference puts ~all its mass there).
+are sums of per-word values; on risky prompts the unsafe words cost twice as much. A second
+constraint, engagement (ENGAGEMENT), conflicts with safety in part: refusing is safe but
+unengaged, giving tips engaged and only mildly unsafe. CONSTRAINTS lists the world's constraint
+functions in order; a run with m constraints uses the first m. The reference policy is a tiny
+Llama fitted in-process to a prompt-dependent distribution over these responses. Exact quantities
+condition the LM on this response set (the reference puts ~all its mass there).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import numpy as np
 
 # word: (helpfulness, safety)
 RESPONSE_WORDS = {"sure": (1.0, -0.8), "tips": (0.6, -0.2), "care": (0.2, 0.5), "sorry": (-0.6, 1.0)}
+# word: engagement, the second constraint's per-word value
+ENGAGEMENT = {"sure": 0.2, "tips": 0.6, "care": 0.3, "sorry": -1.0}
 TOPIC_WORDS = [f"t{i}" for i in range(12)]
 RESPONSE_LEN = 3
 RISKY = "risky"
@@ -36,6 +41,13 @@ def toy_safety(prompt: str, response: str) -> float:
     return float(sum(v * scale if v < 0 else v for v in vals))
 
 
+def toy_engagement(prompt: str, response: str) -> float:
+    """Engagement of a response (the second constraint): the sum of its words' values (unknown words count 0)."""
+    return float(sum(ENGAGEMENT.get(w, 0.0) for w in response.split()))
+
+
+CONSTRAINTS = (toy_safety, toy_engagement)
+
 REWARD_FILE = '''"""Toy-world helpfulness in OpenRLHF's reward_func convention (written by openrlhf_dual.demo)."""
 from openrlhf_dual.demo.world import toy_reward
 
@@ -44,6 +56,8 @@ def reward_func(queries, prompts, labels, **kwargs):
     return {"rewards": [toy_reward(p, q[len(p):]) for q, p in zip(queries, prompts)]}
 '''
 SAFETY_FILE = REWARD_FILE.replace("helpfulness", "safety").replace("toy_reward", "toy_safety")
+ENGAGEMENT_FILE = REWARD_FILE.replace("helpfulness", "engagement").replace("toy_reward", "toy_engagement")
+CONSTRAINT_FILES = (("safety.py", SAFETY_FILE), ("engagement.py", ENGAGEMENT_FILE))  # CONSTRAINTS as reward files
 
 
 def responses() -> list[str]:
@@ -61,6 +75,14 @@ def make_prompts(n: int, seed: int) -> list[str]:
 def reference_word_probs(prompt: str) -> np.ndarray:
     """The distribution the reference LM is fitted to: i.i.d. words, helpful-leaning, less so when risky."""
     return np.array([0.45, 0.3, 0.15, 0.1]) if RISKY not in prompt.split() else np.array([0.3, 0.3, 0.25, 0.15])
+
+
+def reference_table(prompts: list[str]) -> np.ndarray:
+    """[P, 64] the distribution the reference LM is fitted to, over the world's responses (a
+    product of `reference_word_probs`), for exact checks that need no LM."""
+    index = {w: i for i, w in enumerate(RESPONSE_WORDS)}
+    return np.array([[np.prod([reference_word_probs(p)[index[w]] for w in r.split()]) for r in responses()]
+                     for p in prompts])  # fmt: skip
 
 
 @dataclass
@@ -143,9 +165,12 @@ def exact_policy_of(model, tok, prompts: list[str]) -> ExactPolicy:
     return ExactPolicy(probs / probs.sum(axis=1, keepdims=True))
 
 
-def score_table(prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Exact reward and safety of every (prompt, response): two [P, R] arrays."""
+def score_table(prompts: list[str], m: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Exact reward [P, R] and the first m CONSTRAINTS of every (prompt, response): safety [P, R]
+    when m = 1 (as solve_dual takes one constraint), [P, R, m] otherwise."""
+    if not 1 <= m <= len(CONSTRAINTS):
+        raise ValueError(f"the toy world has {len(CONSTRAINTS)} constraints, not {m}")
     resp = responses()
     reward = np.array([[toy_reward(p, r) for r in resp] for p in prompts])
-    safety = np.array([[toy_safety(p, r) for r in resp] for p in prompts])
-    return reward, safety
+    safety = np.array([[[g(p, r) for g in CONSTRAINTS[:m]] for r in resp] for p in prompts])
+    return reward, safety[..., 0] if m == 1 else safety
