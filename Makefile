@@ -20,7 +20,7 @@ VLLM_GPU ?= vllm==0.29.0
 UPSTREAM_TESTS := $(VENV)/openrlhf-patch-tests
 UPSTREAM_TESTS_VLLM := $(VENV_VLLM)/openrlhf-patch-tests
 
-.PHONY: install install-vllm test test-main test-vllm demo demo-pecan bench bench-sampling evidence mutation clean
+.PHONY: install install-vllm test test-main test-vllm upstream-own-tests demo demo-pecan bench bench-sampling evidence mutation clean
 
 install: $(STAMP)
 	@$(PY) patches/apply.py
@@ -94,6 +94,11 @@ test-vllm: install-vllm
 	$(PYV) -m pytest -m vllm
 	rm -rf $(UPSTREAM_TESTS_VLLM) && $(PYV) patches/apply.py --tests $(UPSTREAM_TESTS_VLLM)
 	$(PYV) -m pytest $(UPSTREAM_TESTS_VLLM)/tests
+
+# OpenRLHF's own unit tests (its wheel ships them) on pristine OpenRLHF and after each patch of the
+# series: a patch must not change their outcome. Offline; not part of `make test` (several minutes).
+upstream-own-tests: install
+	$(PY) patches/own_tests.py
 
 demo: install
 	$(PY) -m openrlhf_dual.demo --out $(DEMO_OUT)
