@@ -52,7 +52,14 @@ else
 fi
 
 # 2. One PPO run on r + lambda*.g. The KL penalty is fixed at beta (no adaptive KL target): the
-#    dual's optimum pi_lambda* is that of the beta-regularised objective.
+#    dual's optimum pi_lambda* is that of the beta-regularised objective. Settings that keep
+#    pi_lambda* the optimum of what PPO optimises (docs/ppo_landing.md, measured on the toy world):
+#    k1 in the reward (no --algo.kl.use_loss: as a loss, k3 is a per-token forward KL and lets the
+#    policy leave the reference's support), RLOO advantages (reinforce_baseline's group mean
+#    includes the sample itself: effective beta x n/(n-1), x4/3 here; GRPO's group_norm divides
+#    the reward, not the KL, by a std that shrinks as the policy sharpens, and overshoots), no
+#    entropy bonus, no --reward.normalize_enable. REINFORCE++ (--algo.advantage.estimator
+#    reinforce) is unbiased too.
 ray job submit --address="http://127.0.0.1:8265" \
    -- python3 -m openrlhf.cli.train_ppo_ray \
    --ref.num_nodes 1 --ref.num_gpus_per_node "$GPUS" \
@@ -63,7 +70,7 @@ ray job submit --address="http://127.0.0.1:8265" \
    --data.prompt_dataset "$PROMPTS" --data.input_key prompt \
    --data.input_template $'BEGINNING OF CONVERSATION: USER: {} ASSISTANT:' \
    --data.max_samples 100000 --data.max_len 1024 --rollout.max_new_tokens 512 \
-   --algo.advantage.estimator reinforce_baseline --rollout.n_samples_per_prompt 4 \
+   --algo.advantage.estimator rloo --rollout.n_samples_per_prompt 4 \
    --algo.kl.init_coef "$BETA" --algo.kl.estimator k1 \
    --rollout.batch_size 128 --rollout.micro_batch_size 8 --train.batch_size 128 --train.micro_batch_size 4 \
    --train.max_epochs 1 --train.num_episodes 1 --actor.adam.lr 5e-7 \

@@ -4,8 +4,8 @@ toy-world prep directory; the trained policy checked against the exact constrain
 its whole response distribution (demo.exact.ToyJudge: intervals [lo, hi], upper bounds asserted).
 
 The world is set up once (reference, judge, prepare); then one run with the prep directory's reward
-file (--dual.prep_dir), one with `serve_reward`, one with REINFORCE++ (`--algo.advantage.estimator
-reinforce`)."""
+file (--dual.prep_dir; RLOO, the demo's default), one with `serve_reward`, one with REINFORCE++
+(`--algo.advantage.estimator reinforce`)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def lands_on_the_optimum(r: dict) -> None:
 
 @pytest.fixture(scope="module")
 def reward_file(world) -> dict:
-    """--dual.prep_dir: the reward file r + lambda*.g, KL coefficient beta, k1 in the reward."""
+    """--dual.prep_dir: the reward file r + lambda*.g, KL coefficient beta, k1 in the reward, RLOO
+    advantages and a cosine learning rate (the demo's defaults: docs/ppo_landing.md)."""
     return run(world, "reward_file")
 
 
