@@ -152,6 +152,37 @@ def test_certificate():
         certify(ok, b, tolerance=-0.1)
 
 
+def test_demo_round_record_certifies_on_the_exact_lower_bound_in_prep_units(tmp_path):
+    """demo.calibrated.entry: a whole-distribution interval [lo, hi] becomes a measurement whose
+    one-sided lower bound is lo, moved by PeCAN's shift (true units minus margin units), and the
+    rounds picture (demo.pictures.plot_rounds) has a panel per constraint with its threshold."""
+    from matplotlib.image import imread
+
+    from openrlhf_dual.demo.calibrated import entry
+    from openrlhf_dual.demo.pictures import plot_rounds
+    from test_constraints2 import colour_pixels
+
+    b, shift, tol = np.array([0.5]), np.array([-0.3]), np.array([0.04])  # margin threshold 0.8 over E_ref[g] = -0.3
+    whole = {"achieved": {"safety": [[0.47, 0.49]], "reward": [0.6, 0.62], "mass_on_set": [0.9, 0.91]},
+             "kl_to_optimum": [0.01, 0.02], "kl_ref_to_optimum": [0.8, 0.81]}  # fmt: skip
+    e = entry(1, [0.7], whole, shift, b, tol, 12.3)
+    assert e["measurement"]["achieved"] == pytest.approx([0.48 + 0.3]) and e["lower_bound"] == pytest.approx([0.47])
+    assert e["miss"] == pytest.approx([0.02]) and e["violation"] == pytest.approx([0.02]) and e["certified"]
+    assert not entry(1, [0.7], whole, shift, b, np.array([0.02]), 1.0)["certified"]  # lo = 0.47 < 0.5 - 0.02
+    assert entry(0, [0.7], whole, shift, b, tol, None)["train_seconds"] is None
+
+    for m in (1, 2):
+        done = {"algo": "mocan", "objective": "likelihood", "epochs": 1, "thresholds": [0.5, 1.0][:m],
+                "tolerance": [0.04, 0.05][:m], "reference_safety": [-0.3, 0.8][:m],
+                "optimum": {"safety": [[0.5, 0.5], [1.0, 1.0]][:m]},
+                "rounds": [{"round": k, "lambda": [0.6 + k / 10] * m, "safety": [[x, x + 0.01]] * m, "certified": k > 0}
+                           for k, x in enumerate((0.3, 0.48, 0.5))]}  # fmt: skip
+        plot_rounds(done, tmp_path / f"rounds{m}.png")
+        assert imread(str(tmp_path / f"rounds{m}.png")).shape[:2] == (550, round(110 * (6 * m + 1.5)))
+        assert colour_pixels(tmp_path / f"rounds{m}.png", "darkorange") > 200 * m  # a (dashed) threshold across each panel
+        assert colour_pixels(tmp_path / f"rounds{m}.png", "C0") > 60 * m  # three rounds' markers
+
+
 def test_bad_inputs_are_refused_with_a_reason():
     reward, safety = samples()
     with pytest.raises(ValueError, match="at least one"):
