@@ -183,6 +183,20 @@ def test_demo_round_record_certifies_on_the_exact_lower_bound_in_prep_units(tmp_
         assert colour_pixels(tmp_path / f"rounds{m}.png", "C0") > 60 * m  # three rounds' markers
 
 
+def test_demo_rounds_refuse_flags_that_differ_from_the_demo_they_continue():
+    from openrlhf_dual.demo.__main__ import parse_args
+    from openrlhf_dual.demo.calibrated import check_same_demo
+
+    report = {"algo": "mocan", "objective": "likelihood", "beta": 0.5, "threshold": 0.5, "thresholds": [0.5]}
+    check_same_demo(report, parse_args(["--out", "x", "--calibrate", "1", "--epochs", "1"]))
+    with pytest.raises(SystemExit, match="thresholds"):
+        check_same_demo(report, parse_args(["--out", "x", "--calibrate", "1", "--dual.threshold", "0.6"]))
+    with pytest.raises(SystemExit, match="pecan"):
+        check_same_demo(report, parse_args(["--out", "x", "--calibrate", "1", "--algo", "pecan"]))
+    with pytest.raises(SystemExit):  # PPO's training is not a primal step to retrain
+        parse_args(["--out", "x", "--calibrate", "1", "--algo", "ppo"])
+
+
 def test_bad_inputs_are_refused_with_a_reason():
     reward, safety = samples()
     with pytest.raises(ValueError, match="at least one"):
