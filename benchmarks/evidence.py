@@ -10,7 +10,7 @@
    directory, evaluated on held-out toy prompts by `openrlhf_dual.cli.evaluate` (one picture);
 3. benchmarks/primal_dual.py (CAN against a tuned primal-dual baseline, multiplier trajectory);
 4. benchmarks/trainer_overhead.py, benchmarks/dual_solver.py and benchmarks/logprob.py;
-5. calibration rounds (demo --calibrate) on the PeCAN demo and on MoCAN with a weak trainer;
+5. calibration rounds (demo --calibrate) on the PeCAN demo and on MoCAN with two weak trainers;
 6. mutation/summary.json as `make mutation` last wrote it (not rerun: `--mutation-only` refreshes
    just that paragraph of README.md).
 Pictures go to docs/evidence/, numbers into README.md between the evidence markers. Takes about
@@ -87,10 +87,12 @@ def ppo_part(out: Path) -> tuple[str, str]:
 
 
 # calibration rounds (openrlhf_dual.demo.calibrated): name -> (the demo's flags, README label); "pecan" continues the
-# PeCAN demo above, "mocan-weak" is MoCAN with a deliberately weak trainer (one epoch of the weighted likelihood)
+# PeCAN demo above; "mocan-weak" and "mocan-dpo1" are MoCAN with deliberately weak trainers (one epoch of the weighted
+# likelihood; one epoch of the paper's DPO, whose rounds relabel the same pairs)
 CALIBRATED = {
     "pecan": (["--algo", "pecan"], "PeCAN (default seed and trainer)"),
     "mocan-weak": (["--algo", "mocan", "--epochs", "1"], "MoCAN, weak trainer (1 epoch instead of 2)"),
+    "mocan-dpo1": (["--algo", "mocan", "--objective", "dpo", "--epochs", "1"], "MoCAN, paper's DPO, 1 epoch instead of 3"),
 }
 ROUNDS = 2
 
@@ -136,7 +138,8 @@ training, exact evaluation) plus each round's training. One round took abs(E[g] 
 {rows}
 
 ![achieved safety by calibration round](docs/evidence/calibration_pecan.png)
-![achieved safety by calibration round, weak trainer](docs/evidence/calibration_mocan_weak.png)"""
+![achieved safety by calibration round, weak trainer](docs/evidence/calibration_mocan_weak.png)
+![achieved safety by calibration round, paper's DPO for one epoch](docs/evidence/calibration_mocan_dpo1.png)"""
 
 
 def pd_headline(pd: dict) -> str:
