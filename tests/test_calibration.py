@@ -152,6 +152,51 @@ def test_certificate():
         certify(ok, b, tolerance=-0.1)
 
 
+def test_demo_round_record_certifies_on_the_exact_lower_bound_in_prep_units(tmp_path):
+    """demo.calibrated.entry: a whole-distribution interval [lo, hi] becomes a measurement whose
+    one-sided lower bound is lo, moved by PeCAN's shift (true units minus margin units), and the
+    rounds picture (demo.pictures.plot_rounds) has a panel per constraint with its threshold."""
+    from matplotlib.image import imread
+
+    from openrlhf_dual.demo.calibrated import entry
+    from openrlhf_dual.demo.pictures import plot_rounds
+    from test_constraints2 import colour_pixels
+
+    b, shift, tol = np.array([0.5]), np.array([-0.3]), np.array([0.04])  # margin threshold 0.8 over E_ref[g] = -0.3
+    whole = {"achieved": {"safety": [[0.47, 0.49]], "reward": [0.6, 0.62], "mass_on_set": [0.9, 0.91]},
+             "kl_to_optimum": [0.01, 0.02], "kl_ref_to_optimum": [0.8, 0.81]}  # fmt: skip
+    e = entry(1, [0.7], whole, shift, b, tol, 12.3)
+    assert e["measurement"]["achieved"] == pytest.approx([0.48 + 0.3]) and e["lower_bound"] == pytest.approx([0.47])
+    assert e["miss"] == pytest.approx([0.02]) and e["violation"] == pytest.approx([0.02]) and e["certified"]
+    assert not entry(1, [0.7], whole, shift, b, np.array([0.02]), 1.0)["certified"]  # lo = 0.47 < 0.5 - 0.02
+    assert entry(0, [0.7], whole, shift, b, tol, None)["train_seconds"] is None
+
+    for m in (1, 2):
+        done = {"algo": "mocan", "objective": "likelihood", "epochs": 1, "thresholds": [0.5, 1.0][:m],
+                "tolerance": [0.04, 0.05][:m], "reference_safety": [-0.3, 0.8][:m],
+                "optimum": {"safety": [[0.5, 0.5], [1.0, 1.0]][:m]},
+                "rounds": [{"round": k, "lambda": [0.6 + k / 10] * m, "safety": [[x, x + 0.01]] * m, "certified": k > 0}
+                           for k, x in enumerate((0.3, 0.48, 0.5))]}  # fmt: skip
+        plot_rounds(done, tmp_path / f"rounds{m}.png")
+        assert imread(str(tmp_path / f"rounds{m}.png")).shape[:2] == (550, round(110 * (6 * m + 1.5)))
+        assert colour_pixels(tmp_path / f"rounds{m}.png", "darkorange") > 200 * m  # a (dashed) threshold across each panel
+        assert colour_pixels(tmp_path / f"rounds{m}.png", "C0") > 60 * m  # three rounds' markers
+
+
+def test_demo_rounds_refuse_flags_that_differ_from_the_demo_they_continue():
+    from openrlhf_dual.demo.__main__ import parse_args
+    from openrlhf_dual.demo.calibrated import check_same_demo
+
+    report = {"algo": "mocan", "objective": "likelihood", "beta": 0.5, "threshold": 0.5, "thresholds": [0.5]}
+    check_same_demo(report, parse_args(["--out", "x", "--calibrate", "1", "--epochs", "1"]))
+    with pytest.raises(SystemExit, match="thresholds"):
+        check_same_demo(report, parse_args(["--out", "x", "--calibrate", "1", "--dual.threshold", "0.6"]))
+    with pytest.raises(SystemExit, match="pecan"):
+        check_same_demo(report, parse_args(["--out", "x", "--calibrate", "1", "--algo", "pecan"]))
+    with pytest.raises(SystemExit):  # PPO's training is not a primal step to retrain
+        parse_args(["--out", "x", "--calibrate", "1", "--algo", "ppo"])
+
+
 def test_bad_inputs_are_refused_with_a_reason():
     reward, safety = samples()
     with pytest.raises(ValueError, match="at least one"):
@@ -221,3 +266,33 @@ def test_cli_two_rounds_then_certified(tmp_path, capsys):
     assert "thresholds [0.7]" in capsys.readouterr().err
     assert main([*args, "--eval.policy", "nope"]) == 2
     assert "no evaluated policy named ['nope']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_one_round_with_a_weak_trainer(tmp_path):
+    """`python -m openrlhf_dual.demo --epochs 1 --calibrate 1` (MoCAN, one epoch instead of two: it
+    falls short of b), end to end: round 1 trains at the lambda the rule gives from the prep
+    directory's scores and the one-shot's exact measurement, lands closer to b (a quarter of the
+    one-shot miss, or within 0.01: the trainer's own noise at this size), and its recorded exact
+    safety is the judge's on the round-1 checkpoint; the certificate is printed."""
+    import subprocess
+    import sys
+
+    from openrlhf_dual.cli.calibrate import load_prep
+    from openrlhf_dual.demo.calibrated import as_measurement
+    from openrlhf_dual.demo.exact import ToyJudge
+    from openrlhf_dual.launch import cpu_env
+
+    out = tmp_path / "weak"
+    proc = subprocess.run([sys.executable, "-m", "openrlhf_dual.demo", "--out", str(out), "--epochs", "1", "--calibrate", "1"],
+                          env=cpu_env(), capture_output=True, text=True, timeout=1500)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    done = json.loads((out / "calibration.json").read_text())
+    one_shot, first = done["rounds"]
+    solution, scores = load_prep(out / "prep")
+    step = next_lambda(scores[..., 0], scores[..., 1:], solution["thresholds"], solution["beta"], [as_measurement(one_shot)])
+    assert first["lambda"] == pytest.approx(step.lam.tolist(), rel=1e-5)  # as printed with 6 digits
+    assert one_shot["miss"][0] > 0.005 and first["miss"][0] <= max(one_shot["miss"][0] / 4, 0.01), (one_shot, first)
+    judge = ToyJudge(out / "reference", W.make_prompts(32, 0), 0.5, 0.5)
+    np.testing.assert_allclose(judge.evaluate_dir(out / "round-1")["whole"]["achieved"]["safety"], first["safety"], atol=1e-9)
+    assert "round 1: lambda" in proc.stdout and "CERTIFIED" in proc.stdout and (out / "calibration.png").exists()

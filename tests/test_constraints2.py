@@ -179,6 +179,39 @@ def test_whole_distribution_bounds_hold_with_two_constraints(models):
         assert lo - 1e-12 <= want <= hi + 1e-12 and hi > lo, (lo, want, hi)
 
 
+def colour_pixels(path: Path, colour: str, tol: float = 0.02) -> int:
+    """How many pixels of the PNG at `path` have matplotlib colour `colour`."""
+    from matplotlib.colors import to_rgb
+    from matplotlib.image import imread
+
+    px = imread(str(path))[..., :3]
+    return int(np.sum(np.all(np.abs(px - np.array(to_rgb(colour))) < tol, axis=-1)))
+
+
+def test_two_constraint_picture_has_both_thresholds_and_every_point(tmp_path):
+    """demo.pictures.plot_constraints on a report of the demo's shape: a 7.5 x 5 inch figure at
+    110 dpi with both threshold lines (darkorange: one full height, one full width) and the
+    reference, optimum and trained markers in their colours."""
+    from matplotlib.image import imread
+
+    from openrlhf_dual.demo.pictures import plot_constraints
+
+    def part(s1, s2, r):
+        return {"safety": [[s1 - 0.01, s1 + 0.01], [s2 - 0.02, s2 + 0.02]], "reward": [r - 0.01, r + 0.01]}
+
+    report = {
+        "thresholds": list(BOTH), "predicted": {"safety": [0.52, 1.01], "reward": 0.3},
+        "whole": {"reference": part(-0.2, 0.8, 0.5), "optimum": {"lambda": [0.9, 0.4], **part(0.5, 1.0, 0.31)},
+                  "achieved": part(0.49, 0.97, 0.32)},
+    }  # fmt: skip
+    path = tmp_path / "constraints.png"
+    plot_constraints(report, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and imread(str(path)).shape[:2] == (550, 825)
+    assert colour_pixels(path, "darkorange") > 500  # two threshold lines across the axes
+    for colour in ("crimson", "forestgreen", "C0"):  # reference, optimum, trained
+        assert colour_pixels(path, colour) > 40, colour
+
+
 def run_demo(out: Path, seed: int, thresholds) -> tuple[dict, str]:
     """`python -m openrlhf_dual.demo --constraints 2` (MoCAN, weighted likelihood) into out;
     (report, stdout)."""
@@ -236,7 +269,7 @@ def test_two_binding_constraints_are_met_on_the_whole_distribution(seed, demos):
     for lam, se, want in zip(report["lambda"], report["lambda_stderr"], exact):  # from prepare's samples
         assert abs(lam - want) <= 3 * se and se < 0.1 * want, (report["lambda"], report["lambda_stderr"], exact)
     assert_meets_both(report, BOTH)
-    assert "engagement reference" in stdout and "KL(trained || optimum)" in stdout
+    assert "engagement reference" in stdout and "KL(trained || optimum)" in stdout and "constraints.png" in stdout
 
 
 @pytest.mark.slow

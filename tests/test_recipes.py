@@ -13,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,11 @@ def stated_gpus(recipe: str) -> int:
     return 0
 
 
+# recipes whose exit status under the recorders is not 0 by design: calibrated.sh fails when no round
+# is certified, and recorded calibrate runs write no certificate
+EXIT_STATUS = {"calibrated.sh": 1}
+
+
 def record(recipe: str, tmp_path: Path) -> list[list[str]]:
     """The commands the recipe runs (launcher name first), in order."""
     shim = tmp_path / "bin"
@@ -47,7 +53,7 @@ def record(recipe: str, tmp_path: Path) -> list[list[str]]:
     env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "RECORD": str(log), "OUT": str(tmp_path / "out"),
            "PREP": str(tmp_path / "prep"), "WORK": str(tmp_path / "work")}  # fmt: skip
     proc = subprocess.run(["bash", str(ROOT / "recipes" / recipe)], env=env, capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == EXIT_STATUS.get(recipe, 0), proc.stderr
     return [r.split("\x1f")[:-1] for r in log.read_text().split("\x1e") if r]
 
 
@@ -87,6 +93,8 @@ def stage_gpus(cmd: list[str], stated: int, prepared: dict, tmp_path: Path) -> d
     from openrlhf_dual.sampling import sampler_stage
     from openrlhf_dual.score_actors import scorer_stage
 
+    if cmd[0].startswith("python") and "-c" in cmd:  # an inline script (calibrated.sh reads the next lambda)
+        return {"python -c": 0.0}
     if cmd[0] == "deepspeed":  # every GPU of each node in the run unless --num_gpus says otherwise
         ds = cmd[: cmd.index("--module")]
         return {"train": float(ds[ds.index("--num_gpus") + 1]) if "--num_gpus" in ds else stated}
@@ -113,7 +121,8 @@ def stage_gpus(cmd: list[str], stated: int, prepared: dict, tmp_path: Path) -> d
         ecfg, _ = evaluate.prep_config(prep_dir, a)
         return {f"evaluate {s.name}": s.gpus for s in evaluate.stages_of(ecfg)}
     # CPU only: LoRA merging (OpenRLHF's lora_combiner loads on the CPU), data splitting, the CPU demo
-    assert module in ("openrlhf.cli.lora_combiner", "openrlhf_dual.cli.split_preferences", "openrlhf_dual.demo"), module
+    assert module in ("openrlhf.cli.lora_combiner", "openrlhf_dual.cli.split_preferences", "openrlhf_dual.cli.calibrate",
+                      "openrlhf_dual.demo"), module  # fmt: skip
     return {module: 0.0}
 
 
@@ -135,7 +144,44 @@ def test_recipe_fits_the_gpus_it_states(recipe, tmp_path):
         for stage, gpus in stage_gpus(cmd, stated, prepared, tmp_path).items():
             demand[stage] = max(demand.get(stage, 0.0), gpus)
     assert demand, f"{recipe} ran nothing"
+    if recipe == "calibrated.sh":  # never certified under the recorders: every round runs
+        assert demand["openrlhf_dual.cli.calibrate"] == 0.0 and demand["train"] == stated
     too_big = {s: g for s, g in demand.items() if g > stated}
     assert not too_big, f"{recipe} states {stated} GPUs but asks for {too_big} (all stages: {demand})"
     if stated:  # a GPU recipe uses what it states somewhere (else its knob is stale)
         assert max(demand.values()) == stated, f"{recipe} states {stated} GPUs, uses at most {max(demand.values())}: {demand}"
+
+
+def test_calibrated_recipe_retrains_at_calibrates_lambda_and_stops_when_certified(tmp_path):
+    """recipes/calibrated.sh's loop, with a stand-in calibrate that certifies the second round:
+    round 1 trains and evaluates at the lambda calibrate wrote, and nothing runs after the
+    certificate (exit 0)."""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    # records like RECORDER; runs inline scripts; calibrate writes lambda [0.25 x reports] and certifies at 2 reports
+    fake = RECORDER + """if [ "$1" = -c ]; then exec %s "$@"; fi
+if [ "$2" = openrlhf_dual.cli.calibrate ]; then
+  n=0; out=""; prev=""
+  for a in "$@"; do case "$a" in *report.json) n=$((n + 1));; esac; [ "$prev" = --calibrate.out ] && out="$a"; prev="$a"; done
+  mkdir -p "$out"
+  certified=false; [ "$n" -ge 2 ] && certified=true
+  printf '{\\n  "certified": %%s,\\n  "lambda": [\\n    %%s,\\n    0.5\\n  ]\\n}\\n' "$certified" "0.$((25 * n))" > "$out/calibration.json"
+fi
+""" % sys.executable
+    for name in ("python", "python3", "deepspeed"):
+        (shim / name).write_text(fake if name == "python" else RECORDER)
+        (shim / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "RECORD": str(tmp_path / "record"),
+           "OUT": str(tmp_path / "out"), "PREP": str(tmp_path / "prep"), "ROUNDS": "3", "THRESHOLD": "0.5 1.0"}  # fmt: skip
+    proc = subprocess.run(["bash", str(ROOT / "recipes" / "calibrated.sh")], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "round-1 is certified" in proc.stdout
+    cmds = [r.split("\x1f")[:-1] for r in (tmp_path / "record").read_text().split("\x1e") if r]
+    runs = [(c[0], *module_args(c)) for c in cmds if "-c" not in c]
+    assert [m for _, m, _ in runs] == ["openrlhf_dual.cli.prepare"] + ["openrlhf_dual.cli.train_sft", "openrlhf_dual.cli.evaluate",
+                                                                       "openrlhf_dual.cli.calibrate"] * 2  # fmt: skip
+    train0, train1, eval1, calib1 = runs[1][2], runs[4][2], runs[5][2], runs[6][2]
+    assert "--dual.lambda" not in train0  # one shot: the prep directory's lambda*
+    assert train1[train1.index("--dual.lambda") + 1 :][:2] == ["0.25", "0.5"]
+    assert eval1[eval1.index("--eval.policy") + 1] == f"round-1={tmp_path / 'out' / 'round-1'}:0.25,0.5"
+    assert calib1[calib1.index("--eval.report") + 1 :][:2] == [str(tmp_path / "out" / f"round-{k}-eval" / "report.json") for k in (0, 1)]

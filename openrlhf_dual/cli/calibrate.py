@@ -56,13 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def calibrate(a: dict) -> dict:
-    prep_dir = Path(a["dual.prep_dir"])
+def load_prep(prep_dir: Path) -> tuple[dict, np.ndarray]:
+    """(dual.json, scores [N, K, 1 + m]: reward then each safety) of a finished prepare."""
     solution = json.loads((prep_dir / "dual.json").read_text())
     shards = sorted((prep_dir / "scores").glob("shard-*.npy"))
     if not shards:
         raise ValueError(f"{prep_dir}/scores holds no scores: calibrate needs a finished prepare")
-    scores = np.concatenate([np.load(f) for f in shards])
+    return solution, np.concatenate([np.load(f) for f in shards])
+
+
+def calibrate(a: dict) -> dict:
+    prep_dir = Path(a["dual.prep_dir"])
+    solution, scores = load_prep(prep_dir)
     reports = [json.loads(Path(r).read_text()) for r in a["eval.report"]]
     for path, report in zip(a["eval.report"], reports):
         if report["thresholds"] != solution["thresholds"]:

@@ -3,6 +3,7 @@ constrained optimum.
 
     python -m openrlhf_dual.demo --out DIR [--algo mocan|pecan|ppo] [--seed N] [--dual.threshold B]
     python -m openrlhf_dual.demo --out DIR --constraints 2 [--dual.threshold B1 B2]
+    python -m openrlhf_dual.demo --out DIR [flags as above] --calibrate R
 
 MoCAN (default): fit the tiny reference LM; prepare on a local Ray (hf sampling actors, the toy
 reward and safety scored through the real reward-file adapter, the dual, pairs); the primal step
@@ -19,8 +20,12 @@ exact evaluation over the whole response distribution (demo/ppo.py; further trai
 pass through, e.g. `--algo.advantage.estimator group_norm`).
 Several constraints (MoCAN): --constraints 2 adds the world's engagement (demo.world.ENGAGEMENT,
 in part at odds with safety: refusing is safe and unengaged) as a second constraint E[g_2] >= B2,
-scored through its own reward file. The default thresholds (0.5 1.0) make both bind; with
+scored through its own reward file, and DIR/constraints.png (demo.pictures: the two safeties
+against each other, both thresholds, the reference, the exact optimum and the trained policy)
+instead of the one-constraint frontier. The default thresholds (0.5 1.0) make both bind; with
 `--dual.threshold 0.5 0.3` engagement is slack and safety active (lambda_2 = 0 exactly).
+Calibration (MoCAN or PeCAN): --calibrate R then runs R rounds of the closed loop on the same prep
+directory (demo.calibrated; continues a finished demo in DIR run with the same flags).
 """
 
 from __future__ import annotations
@@ -57,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None,
                    help=f"of the primal step (default {EPOCHS}; with --constraints 2: 3)")  # fmt: skip
     p.add_argument("--pairs", type=int, default=128, help="PeCAN: preference pairs per prompt for each pre-alignment")
+    p.add_argument("--calibrate", type=int, default=0, metavar="R",
+                   help="then R calibration rounds (demo.calibrated: retrain at the corrected lambda, no new samples); "
+                        "a finished demo in --out with the same flags is continued, not rerun")  # fmt: skip
     p.add_argument("--ppo.steps", dest="ppo_steps", type=int, default=60, help="PPO: rollouts (one per episode)")
     p.add_argument("--ppo.samples", dest="ppo_samples", type=int, default=8, help="PPO: responses per prompt per rollout")
     p.add_argument("--ppo.minibatches", dest="ppo_minibatches", type=int, default=1,
@@ -69,6 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     if a.anchor and a.objective != "dpo":
         p.error("--anchor is a coefficient of the dpo objective")
+    if a.calibrate and a.algo == "ppo":
+        p.error("--calibrate retrains with the primal step of MoCAN or PeCAN")
+    if a.calibrate < 0:
+        p.error("--calibrate takes a number of rounds >= 0")
     if a.constraints > 1 and a.algo != "mocan":
         p.error("--constraints > 1 is a MoCAN demo")
     a.threshold = a.threshold or list(THRESHOLDS[a.constraints])
@@ -84,6 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
     out = Path(a.out)
+    if a.calibrate and (out / "report.json").exists():
+        from openrlhf_dual.demo.calibrated import run as rounds
+
+        return rounds(a, out, a.calibrate)
     if out.exists():
         shutil.rmtree(out)
     if a.algo == "pecan":
@@ -92,7 +108,12 @@ def main(argv: list[str] | None = None) -> dict:
         from openrlhf_dual.demo.ppo import run
     else:
         from openrlhf_dual.demo.mocan import run
-    return run(a, out)
+    report = run(a, out)
+    if a.calibrate:
+        from openrlhf_dual.demo.calibrated import run as rounds
+
+        return rounds(a, out, a.calibrate)
+    return report
 
 
 if __name__ == "__main__":

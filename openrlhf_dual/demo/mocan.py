@@ -46,4 +46,8 @@ def run(a: argparse.Namespace, out: Path) -> dict:
         "predicted": {k: solution["predicted"][k] for k in ("reward", "safety", "kl")},
         **judge.evaluate_dir(ckpt),
     }
+    if len(thresholds) == 2:  # the two safeties against each other
+        from openrlhf_dual.demo.pictures import plot_constraints
+
+        plot_constraints(report, out / "constraints.png")
     return finish(out, report, t0)

@@ -121,7 +121,7 @@ def finish(out: Path, report: dict, t0: float) -> dict:
         f"{report['lambda'][j]:.4f} vs exact {opt['lambda'][j]:.4f}\n"
         for j, b in enumerate(thresholds)
     ]
-    wrote = " and ".join(str(out / f) for f in ("report.json", "frontier.png") if (out / f).exists())
+    wrote = " and ".join(str(out / f) for f in ("report.json", "frontier.png", "constraints.png") if (out / f).exists())
     print(
         f"\nwhole distribution (every response up to {w['generation_cap']} tokens; intervals bound what the "
         f"enumeration did not reach):\n"
