@@ -90,6 +90,24 @@ def test_recipe_shaped_prepare_completes_with_k_samples_per_prompt(recipe_prep):
                               "vllm_enforce_eager": True, "vllm_enable_prefix_caching": False}  # fmt: skip
 
 
+def test_evaluate_samples_with_prepares_engine_settings(recipe_prep, world, tmp_path):
+    """Defect 5: evaluate sampled with one engine at 0.9 memory and compilation on, whatever prepare
+    used. Read from the prep directory a real prepare wrote: evaluate's sampler gets prepare's
+    --vllm.* settings, and a flag given to evaluate replaces only its own setting."""
+    from openrlhf_dual.cli import evaluate
+    from openrlhf_dual.sampling import sampler_stage
+
+    prep, _ = recipe_prep
+    placed = json.loads((prep / "manifest.json").read_text())["placement"]["vllm"]
+    base = ["--dual.prep_dir", str(prep), "--eval.policy", f"ref={world['ref']}", "--eval.out", str(tmp_path),
+            "--data.prompt_dataset", str(world["out"] / "data" / "prompts.jsonl")]  # fmt: skip
+    inherited, _ = evaluate.prep_config(prep, vars(evaluate.build_parser().parse_args(base)))
+    assert inherited.backend == "vllm" and inherited.vllm == placed, inherited.vllm
+    assert evaluate.stages_of(inherited)[0] == sampler_stage("vllm", 0, 0.0, placed)  # 2 engines, as prepare
+    one, _ = evaluate.prep_config(prep, vars(evaluate.build_parser().parse_args([*base, "--vllm.num_engines", "1"])))
+    assert one.vllm == {**placed, "vllm_num_engines": 1}, one.vllm
+
+
 def test_lambda_within_10_percent_of_the_exact_one(recipe_prep, world):
     lam = json.loads((recipe_prep[0] / "dual.json").read_text())["lam"][0]
     assert abs(lam - world["lam"]) <= 0.1 * world["lam"], (lam, world["lam"])

