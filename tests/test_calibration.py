@@ -186,13 +186,17 @@ def test_demo_round_record_certifies_on_the_exact_lower_bound_in_prep_units(tmp_
 def test_demo_rounds_refuse_flags_that_differ_from_the_demo_they_continue():
     from openrlhf_dual.demo.__main__ import parse_args
     from openrlhf_dual.demo.calibrated import check_same_demo
+    from openrlhf_dual.demo.steps import run_flags
 
-    report = {"algo": "mocan", "objective": "likelihood", "beta": 0.5, "threshold": 0.5, "thresholds": [0.5]}
-    check_same_demo(report, parse_args(["--out", "x", "--calibrate", "1", "--epochs", "1"]))
-    with pytest.raises(SystemExit, match="thresholds"):
-        check_same_demo(report, parse_args(["--out", "x", "--calibrate", "1", "--dual.threshold", "0.6"]))
-    with pytest.raises(SystemExit, match="pecan"):
-        check_same_demo(report, parse_args(["--out", "x", "--calibrate", "1", "--algo", "pecan"]))
+    report = json.loads(json.dumps({"algo": "mocan", "flags": run_flags(parse_args(["--out", "x"]))}))  # as read back
+    check_same_demo(report, parse_args(["--out", "x", "--calibrate", "1"]))
+    for flags, differs in ((["--epochs", "1"], "epochs"), (["--seed", "1"], "seed"), (["--samples", "64"], "samples"),
+                           (["--dual.threshold", "0.6"], "thresholds"), (["--algo", "pecan"], "algo")):  # fmt: skip
+        with pytest.raises(SystemExit, match=f"'{differs}'"):
+            check_same_demo(report, parse_args(["--out", "x", "--calibrate", "1", *flags]))
+    with pytest.raises(SystemExit, match="records its flags"):  # a report that does not say how it was made
+        check_same_demo({"algo": "mocan", "objective": "likelihood", "beta": 0.5, "thresholds": [0.5]},
+                        parse_args(["--out", "x", "--calibrate", "1"]))  # fmt: skip
     with pytest.raises(SystemExit):  # PPO's training is not a primal step to retrain
         parse_args(["--out", "x", "--calibrate", "1", "--algo", "ppo"])
 
@@ -269,6 +273,7 @@ def test_cli_two_rounds_then_certified(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # pyproject's 900 s would cut the demo's own subprocess timeout short
 def test_demo_one_round_with_a_weak_trainer(tmp_path):
     """`python -m openrlhf_dual.demo --epochs 1 --calibrate 1` (MoCAN, one epoch instead of two: it
     falls short of b), end to end: round 1 trains at the lambda the rule gives from the prep

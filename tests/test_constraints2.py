@@ -260,6 +260,7 @@ def demos(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # pyproject's 900 s would cut the demo's own subprocess timeout short
 @pytest.mark.parametrize("seed", [0, 1])
 def test_two_binding_constraints_are_met_on_the_whole_distribution(seed, demos):
     report, stdout, _ = demos(seed, BOTH)
@@ -273,6 +274,7 @@ def test_two_binding_constraints_are_met_on_the_whole_distribution(seed, demos):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # pyproject's 900 s would cut the demo's own subprocess timeout short
 def test_one_slack_one_active_constraint(demos):
     """Engagement's bar below what pi_lambda* for safety alone gives: lambda_2 = 0 exactly, in the
     whole-distribution optimum and in the dual of prepare's samples, and the trained policy
@@ -285,6 +287,7 @@ def test_one_slack_one_active_constraint(demos):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # pyproject's 900 s would cut the demo's own subprocess timeout short
 def test_evaluate_reads_both_constraints_and_brackets_the_exact_values(demos, tmp_path):
     """openrlhf_dual.cli.evaluate on the two-constraint prep directory: one verdict per constraint,
     and its sampled intervals of reward, each E[g_j] and KL contain the exact whole-distribution

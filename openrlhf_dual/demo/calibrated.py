@@ -31,7 +31,7 @@ from openrlhf_dual.calibration import Z95_ONE_SIDED, Measurement, certify, next_
 from openrlhf_dual.cli.calibrate import load_prep
 from openrlhf_dual.demo import world as W
 from openrlhf_dual.demo.exact import ToyJudge
-from openrlhf_dual.demo.steps import primal_step
+from openrlhf_dual.demo.steps import primal_step, run_flags
 
 TOLERANCE = 0.05  # of each gap b_j - E_ref[g_j]: what a round may fall short of b_j and still certify
 
@@ -42,12 +42,15 @@ def thresholds_of(report: dict) -> np.ndarray:
 
 
 def check_same_demo(report: dict, a: argparse.Namespace) -> None:
-    """Refuse rounds whose flags differ from the finished demo they continue."""
-    want = {"algo": a.algo, "objective": a.objective, "beta": a.beta, "thresholds": np.atleast_1d(a.threshold).tolist()}
-    got = {"algo": report["algo"], "objective": report["objective"], "beta": report["beta"],
-           "thresholds": thresholds_of(report).tolist()}  # fmt: skip
+    """Refuse rounds whose flags differ from the finished demo they continue (its world, samples,
+    trainer and thresholds, as report.json records them)."""
+    if "flags" not in report:
+        raise SystemExit("--calibrate continues a demo whose report.json records its flags; this one does not: rerun the demo")
+    want, got = {"algo": a.algo, **run_flags(a)}, {"algo": report["algo"], **report["flags"]}
     if want != got:
-        raise SystemExit(f"--calibrate continues the demo in its --out directory, which ran with {got}; these flags give {want}")
+        differ = {k: (got.get(k), want.get(k)) for k in want.keys() | got.keys() if want.get(k) != got.get(k)}
+        raise SystemExit(f"--calibrate continues the demo in its --out directory; these flags differ from the ones it "
+                         f"ran with (name: (demo, now)): {differ}")  # fmt: skip
 
 
 def entry(k: int, lam, whole: dict, shift: np.ndarray, b: np.ndarray, tol: np.ndarray, seconds: float | None) -> dict:

@@ -11,7 +11,7 @@ import numpy as np
 
 from openrlhf_dual.demo import world as W
 from openrlhf_dual.demo.exact import ToyJudge, columns
-from openrlhf_dual.demo.steps import build_reference, finish, prepare, primal_step
+from openrlhf_dual.demo.steps import build_reference, finish, prepare, primal_step, run_flags
 
 
 def run(a: argparse.Namespace, out: Path) -> dict:
@@ -37,6 +37,7 @@ def run(a: argparse.Namespace, out: Path) -> dict:
     report = {
         "algo": "mocan",
         "objective": a.objective,
+        "flags": run_flags(a),
         **({"threshold": thresholds[0]} if len(thresholds) == 1 else {}),  # one constraint: a float, as before
         "thresholds": thresholds,
         "beta": a.beta,

@@ -25,7 +25,7 @@ import numpy as np
 from openrlhf_dual.artifacts import write_jsonl
 from openrlhf_dual.demo import world as W
 from openrlhf_dual.demo.exact import ToyJudge, summary, tilt
-from openrlhf_dual.demo.steps import EPOCHS, build_reference, dpo, finish, prepare, primal_step
+from openrlhf_dual.demo.steps import EPOCHS, build_reference, dpo, finish, prepare, primal_step, run_flags
 
 LENGTHS = (0.05, 0.1, 0.1, 0.65, 0.1)  # P(response of 0, 1, 2, 3, 4 words); the world's own have 3
 
@@ -112,6 +112,7 @@ def run(a: argparse.Namespace, out: Path) -> dict:
     report = {
         "algo": "pecan",
         "objective": a.objective,
+        "flags": run_flags(a),
         "threshold": a.threshold,
         "beta": a.beta,
         "lambda": solution["lam"],

@@ -103,6 +103,14 @@ def _run(out: Path, name: str, module: str, args: list[str]) -> Path:
     return ckpt
 
 
+def run_flags(a) -> dict:
+    """The flags that fix a MoCAN or PeCAN demo's world, samples and training, as report.json
+    records them (what `--calibrate` checks before it continues the demo)."""
+    return {"seed": a.seed, "prompts": a.prompts, "samples": a.samples, "epochs": a.epochs, "objective": a.objective,
+            "anchor": a.anchor, "pairs": a.pairs, "constraints": a.constraints, "beta": a.beta,
+            "thresholds": np.atleast_1d(a.threshold).tolist()}  # fmt: skip
+
+
 def finish(out: Path, report: dict, t0: float) -> dict:
     """Write report.json and print the comparison with the exact optimum, whole distribution
     first, then the renormalised view."""
