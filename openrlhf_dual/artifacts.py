@@ -37,6 +37,13 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
         f.write(data)
 
 
+def write_figure(path: str | Path, fig) -> None:
+    """A matplotlib figure, in the format its suffix names (.png, .pdf, ...)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png")
+    write_bytes_atomic(path, buf.getvalue())
+
+
 def write_json(path: str | Path, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from openrlhf_dual.artifacts import write_figure
+
 Z95 = 1.959963984540054
 
 
@@ -123,4 +125,4 @@ def plot_plane(report: dict, path: str | Path, frontier: dict | None = None) -> 
     ax.set_title(f"Evaluated policies, {report['n_prompts']} held-out prompts (95% intervals)")
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    fig.savefig(str(path))
+    write_figure(path, fig)

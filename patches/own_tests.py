@@ -68,13 +68,15 @@ def run_tests(tree: Path) -> dict[str, str]:
     cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
            "--rootdir", str(tree), f"--junitxml={junit}"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
-    if not junit.is_file():
-        raise RuntimeError(f"pytest wrote no report in {tree}:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    if proc.returncode not in (0, 1) or not junit.is_file():  # 2-5: interrupted, internal error, usage, no tests
+        raise RuntimeError(f"pytest exited {proc.returncode} in {tree}:\n{(proc.stdout + proc.stderr)[-3000:]}")
     outcomes = {}
     for case in ET.parse(junit).iter("testcase"):
         tags = [child.tag for child in case if child.tag in ("failure", "error", "skipped")]
         outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tags[0]] if tags else "passed"
         outcomes[f"{case.get('classname')}::{case.get('name')}"] = outcome
+    if not outcomes:
+        raise RuntimeError(f"no test ran in {tree}")
     return outcomes
 
 

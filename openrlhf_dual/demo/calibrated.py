@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,7 @@ def check_same_demo(report: dict, a: argparse.Namespace) -> None:
                          f"ran with (name: (demo, now)): {differ}")  # fmt: skip
 
 
-def entry(k: int, lam, whole: dict, shift: np.ndarray, b: np.ndarray, tol: np.ndarray, seconds: float | None) -> dict:
+def entry(k: int, lam: Sequence[float] | np.ndarray, whole: dict, shift: np.ndarray, b: np.ndarray, tol: np.ndarray, seconds: float | None) -> dict:
     """One round's record: the policy trained at lam, judged on the whole distribution, its
     measurement in the prep directory's units and certificate."""
     safety = np.asarray(whole["achieved"]["safety"], dtype=np.float64)  # [m, 2] true units
@@ -71,6 +72,7 @@ def entry(k: int, lam, whole: dict, shift: np.ndarray, b: np.ndarray, tol: np.nd
 
 
 def as_measurement(e: dict) -> Measurement:
+    """A round's record as the Measurement it fed back."""
     return Measurement(*(np.asarray(e["measurement"][k], dtype=np.float64) for k in ("lam", "achieved", "stderr")))
 
 

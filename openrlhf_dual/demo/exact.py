@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ def tilt(ref: W.ExactPolicy, logits: np.ndarray) -> W.ExactPolicy:
     return W.ExactPolicy(probs / probs.sum(axis=1, keepdims=True))
 
 
-def exact_optimum(ref: W.ExactPolicy, reward: np.ndarray, safety: np.ndarray, thresholds, beta: float):
+def exact_optimum(ref: W.ExactPolicy, reward: np.ndarray, safety: np.ndarray, thresholds: np.ndarray, beta: float):
     """lambda* [m] and pi_lambda* on the world's set, renormalised (pi_ref conditioned on the set),
     via the dual core: logmeanexp over responses of (r + beta log pi_ref + lam . g) / beta.
     safety [P, 64] or [P, 64, m], thresholds a float or [m]."""
@@ -73,10 +74,10 @@ class ToyJudge:
     once. Responses are scored by the world's toy_reward and constraint functions token by token
     (all are sums over words; a token is at most one word)."""
 
-    def __init__(self, ref_dir: str | Path, prompts: list[str], threshold, beta: float,
+    def __init__(self, ref_dir: str | Path, prompts: list[str], threshold: float | Sequence[float], beta: float,
                  cap: int = W.RESPONSE_LEN + 1, eps: float = EPS):  # fmt: skip
         self.ref, self.tok = load_lm(ref_dir)
-        self.prompts, self.threshold, self.beta, self.cap, self.eps = prompts, threshold, beta, cap, eps
+        self.prompts, self.beta, self.cap, self.eps = prompts, beta, cap, eps
         self.thresholds = np.atleast_1d(np.asarray(threshold, dtype=np.float64))
         funcs = (W.toy_reward, *W.CONSTRAINTS[: len(self.thresholds)])
         self.eos = self.tok.eos_token_id

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from openrlhf_dual.artifacts import write_figure
 from openrlhf_dual.demo import world as W
 
 
@@ -59,7 +60,7 @@ def plot_constraints(report: dict, path: str | Path) -> None:
     ax.set_title(f"Two constraints, whole response distribution (exact lambda* = {lam})")
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    fig.savefig(str(path))
+    write_figure(path, fig)
 
 
 def plot_rounds(done: dict, path: str | Path) -> None:
@@ -88,4 +89,4 @@ def plot_rounds(done: dict, path: str | Path) -> None:
         ax.set_title(f"{done['algo']} ({done['objective']}, {done['epochs']} epochs): achieved {_name(j)} by round")
         ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    fig.savefig(str(path))
+    write_figure(path, fig)

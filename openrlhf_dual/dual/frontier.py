@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from openrlhf_dual.artifacts import write_figure
 from openrlhf_dual.dual.objective import evaluate
 from openrlhf_dual.dual.solver import check_inputs
 
@@ -91,4 +92,4 @@ def plot_frontier(curve: Frontier, path: str | Path, *, threshold: float | None 
     ax2.set_title("multiplier for each threshold")
     ax2.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    fig.savefig(str(path))
+    write_figure(path, fig)
