@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from recipe_commands import check_exit
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("*.sh"))
 RECORDER = '#!/usr/bin/env bash\n{ printf "%s\\037" "$(basename "$0")" "$@"; printf "\\036"; } >> "$RECORD"\n'
@@ -37,12 +39,6 @@ def stated_gpus(recipe: str) -> int:
     return 0
 
 
-# recipes whose end under the recorders is not exit 0 by design, and what they print then (so a crash
-# with the same status does not pass): calibrated.sh fails when no round is certified, and recorded
-# calibrate runs write no certificate
-EXIT_STATUS = {"calibrated.sh": (1, "not certified after")}
-
-
 def record(recipe: str, tmp_path: Path) -> list[list[str]]:
     """The commands the recipe runs (launcher name first), in order."""
     shim = tmp_path / "bin"
@@ -54,8 +50,7 @@ def record(recipe: str, tmp_path: Path) -> list[list[str]]:
     env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "RECORD": str(log), "OUT": str(tmp_path / "out"),
            "PREP": str(tmp_path / "prep"), "WORK": str(tmp_path / "work")}  # fmt: skip
     proc = subprocess.run(["bash", str(ROOT / "recipes" / recipe)], env=env, capture_output=True, text=True, cwd=tmp_path)
-    status, says = EXIT_STATUS.get(recipe, (0, ""))
-    assert proc.returncode == status and says in proc.stdout, proc.stdout[-2000:] + proc.stderr
+    check_exit(ROOT / "recipes" / recipe, proc)
     return [r.split("\x1f")[:-1] for r in log.read_text().split("\x1e") if r]
 
 
