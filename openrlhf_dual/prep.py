@@ -44,6 +44,10 @@ from openrlhf_dual.ppo_reward import write_reward_file
 SHARD = "shard-{:05d}"
 ALGOS = ("mocan", "pecan")
 SCORE_INPUTS = ("reward", "safety", "algo", "pairs_dataset", "pairs_keys")  # --dual.rescore may change these
+# Below this many effective samples (1 / sum_k w_k^2 at lambda*) on any prompt, lambda* and the
+# primal step lean on a handful of samples: prepare warns (toy world, seed 1 at b = 1.0: 3.4 of
+# K = 128 gave lambda 5% high and KL(trained || optimum) 0.058 of KL(ref || optimum); K = 256: 11.7, 0.012).
+MIN_EFFECTIVE_SAMPLES = 10.0
 SCORED = ("pair_scores.npy", "dual.json", "frontier.json", "frontier.png", "pairs.jsonl")  # derived from scores
 
 
@@ -380,6 +384,11 @@ def run_prepare(cfg: PrepConfig) -> dict:
     sol = solve_dual(scores[..., 0], scores[..., 1:], np.asarray(cfg.thresholds), cfg.beta, bootstrap=cfg.bootstrap, form=form)
     solution = sol.to_dict()
     write_json(out / "dual.json", solution)
+    if sol.feasible and sol.min_effective_samples < MIN_EFFECTIVE_SAMPLES:
+        print(f"prepare: WARNING: few samples carry lambda*: at lambda* the weights of one prompt rest on "
+              f"{sol.min_effective_samples:.1f} effective samples of K = {scores.shape[1]} (below "
+              f"{MIN_EFFECTIVE_SAMPLES:.0f}); lambda* and the primal step are sample-limited: raise "
+              f"--rollout.n_samples_per_prompt (a stringent threshold needs more samples)", file=sys.stderr)  # fmt: skip
     if scores.shape[-1] == 2:
         curve = frontier(scores[..., 0], scores[..., 1], cfg.beta, form=form)
         write_json(out / "frontier.json", curve.to_dict())
