@@ -294,18 +294,29 @@ def _dataset_pairs(cfg: PrepConfig, out: Path, lam: np.ndarray) -> list[dict]:
     return [pair_row(r["prompt"], r["id"], (r[keys[0]], r[keys[1]]), s, lam) for r, s in zip(rows, scores)]
 
 
-def _load_scores(out: Path, prompts: list[dict], shard_size: int) -> np.ndarray:
-    """Every shard's scores in one float64 [N, K, 1 + m] array, filled a shard at a time; a shard
-    of another shape (another K or m, a torn prep directory) is refused."""
-    paths = [out / "scores" / f"{SHARD.format(s)}.npy" for s in range(math.ceil(len(prompts) / shard_size))]
-    first = np.load(paths[0])
-    scores = np.empty((len(prompts), *first.shape[1:]))
-    for s, path in enumerate(paths):
-        part = first if s == 0 else np.load(path)
+def load_scores(prep_dir: Path) -> np.ndarray:
+    """Every shard's scores of a prep directory in one float64 [N, K, 1 + m] array (N: the rows of
+    prompts.jsonl; shards of the manifest's shard_size), filled a shard at a time. A missing shard,
+    or one of another shape (another K or m, a torn prep directory), is refused."""
+    prep_dir = Path(prep_dir)
+    try:
+        n = sum(1 for _ in iter_jsonl(prep_dir / "prompts.jsonl"))
+        shard_size = json.loads((prep_dir / "manifest.json").read_text())["inputs"]["shard_size"]
+    except (FileNotFoundError, KeyError) as err:
+        raise PrepError(f"{prep_dir} is not a prep directory ({err}): run prepare first") from err
+    scores = None
+    for s in range(math.ceil(n / shard_size)):
+        path = prep_dir / "scores" / f"{SHARD.format(s)}.npy"
+        if not path.exists():
+            raise PrepError(f"{path} not found: prepare has not finished, rerun it to resume")
+        part = np.load(path)
+        scores = np.empty((n, *part.shape[1:])) if scores is None else scores
         rows = scores[s * shard_size : (s + 1) * shard_size]
         if part.shape != rows.shape:
             raise PrepError(f"{path} holds scores of shape {part.shape}, expected {rows.shape}")
         rows[:] = part
+    if scores is None:
+        raise PrepError(f"{prep_dir}/prompts.jsonl holds no prompts")
     return scores
 
 
@@ -379,7 +390,7 @@ def run_prepare(cfg: PrepConfig) -> dict:
     todo = [s for s in range(n_shards) if not (out / "scores" / f"{SHARD.format(s)}.npy").exists()]
     spent = _sample_and_score(cfg, prompts, todo, out) if todo else {"sample": 0.0, "score": 0.0}
 
-    scores = _load_scores(out, prompts, cfg.shard_size)  # the one thing held whole
+    scores = load_scores(out)  # the one thing held whole
     form = "margin" if cfg.algo == "pecan" else "model"
     sol = solve_dual(scores[..., 0], scores[..., 1:], np.asarray(cfg.thresholds), cfg.beta, bootstrap=cfg.bootstrap, form=form)
     solution = sol.to_dict()

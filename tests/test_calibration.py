@@ -216,9 +216,12 @@ def test_bad_inputs_are_refused_with_a_reason():
 
 
 def write_prep(path, reward, safety, b):
-    """A prep directory as prepare leaves it (scores shards and dual.json) for the toy samples."""
-    from openrlhf_dual.artifacts import write_json, write_npy
+    """A prep directory as prepare leaves it (prompts, the manifest's shard size, scores shards of 16
+    prompts and dual.json) for the toy samples."""
+    from openrlhf_dual.artifacts import write_json, write_jsonl, write_npy
 
+    write_jsonl(path / "prompts.jsonl", [{"id": i, "raw": f"p{i}", "prompt": f"p{i}"} for i in range(len(reward))])
+    write_json(path / "manifest.json", {"inputs": {"shard_size": 16}})
     write_npy(path / "scores" / "shard-00000.npy", np.concatenate([reward[..., None], safety], axis=-1)[:16])
     write_npy(path / "scores" / "shard-00001.npy", np.concatenate([reward[..., None], safety], axis=-1)[16:])
     write_json(path / "dual.json", solve_dual(reward, safety, b, BETA).to_dict())

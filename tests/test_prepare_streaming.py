@@ -82,3 +82,22 @@ def test_torn_prep_directory_is_refused(finished, tear):
     with pytest.raises(PrepError, match=match):
         run_prepare(finished)
     assert not (prep / "pairs.jsonl").exists()
+
+
+def test_every_reader_of_a_prep_directory_refuses_a_missing_shard(finished, tmp_path, capsys):
+    """load_scores, which prepare, evaluate and calibrate all read scores with: the scores in prompt
+    order, and a missing shard named (it used to be skipped by a glob, shifting the prompts)."""
+    from openrlhf_dual.cli.calibrate import main as calibrate_main
+    from openrlhf_dual.prep import load_scores
+
+    prep = Path(finished.prep_dir)
+    run_prepare(finished)
+    scores = load_scores(prep)
+    assert scores.shape == (130, 8, 2)
+    assert np.array_equal(scores[64:128], np.load(prep / "scores" / "shard-00001.npy"))
+    (prep / "scores" / "shard-00001.npy").unlink()
+    with pytest.raises(PrepError, match="shard-00001.npy not found: prepare has not finished"):
+        load_scores(prep)
+    assert calibrate_main(["--dual.prep_dir", str(prep), "--eval.report", str(tmp_path / "none.json"),
+                           "--calibrate.out", str(tmp_path / "cal")]) == 2  # fmt: skip
+    assert "shard-00001.npy not found" in capsys.readouterr().err

@@ -24,6 +24,7 @@ import numpy as np
 
 from openrlhf_dual.artifacts import write_json
 from openrlhf_dual.calibration import Measurement, certify, next_lambda
+from openrlhf_dual.prep import PrepError, load_scores
 
 
 def measurements(reports: list[dict], names: list[str] | None) -> list[tuple[str, Measurement]]:
@@ -58,11 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_prep(prep_dir: Path) -> tuple[dict, np.ndarray]:
     """(dual.json, scores [N, K, 1 + m]: reward then each safety) of a finished prepare."""
-    solution = json.loads((prep_dir / "dual.json").read_text())
-    shards = sorted((prep_dir / "scores").glob("shard-*.npy"))
-    if not shards:
-        raise ValueError(f"{prep_dir}/scores holds no scores: calibrate needs a finished prepare")
-    return solution, np.concatenate([np.load(f) for f in shards])
+    return json.loads((prep_dir / "dual.json").read_text()), load_scores(prep_dir)
 
 
 def calibrate(a: dict) -> dict:
@@ -108,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     a = vars(build_parser().parse_args(argv))
     try:
         result = calibrate(a)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, PrepError) as err:
         print(f"calibrate: {err}", file=sys.stderr)
         return 2
     except KeyError as err:

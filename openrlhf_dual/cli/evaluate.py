@@ -26,7 +26,7 @@ import numpy as np
 from openrlhf_dual.artifacts import write_bytes_atomic, write_json
 from openrlhf_dual.cli.prepare import add_vllm_flags, vllm_settings
 from openrlhf_dual.evaluation import markdown, plot_plane, policy_report
-from openrlhf_dual.prep import PrepConfig, PrepError, load_prompts
+from openrlhf_dual.prep import PrepConfig, PrepError, load_prompts, load_scores
 
 
 def parse_policy(text: str) -> tuple[str, str, list[float] | None]:
@@ -100,7 +100,7 @@ def predictions(prep_dir: Path, cfg: PrepConfig, lam: list[float], margin: bool)
     from openrlhf_dual.dual import predict
     from openrlhf_dual.dual.solver import check_inputs
 
-    scores = np.concatenate([np.load(f) for f in sorted((prep_dir / "scores").glob("shard-*.npy"))])
+    scores = load_scores(prep_dir)
     reward, safety, _ = check_inputs(scores[..., 0], scores[..., 1:], np.zeros(scores.shape[-1] - 1), cfg.beta,
                                      "margin" if margin else "model")  # fmt: skip
     pred = predict(reward, safety, lam, cfg.beta)
