@@ -38,6 +38,7 @@ TRAIN_FLAGS=${TRAIN_FLAGS:-"--ds.zero_stage 2 --ds.param_dtype bf16 --ds.load_in
 --train.micro_batch_size 4 --train.batch_size 64 --train.max_epochs 3 --adam.lr 5e-4 --data.max_len 1024"}
 EVAL_FLAGS=${EVAL_FLAGS-""}                  # evaluate reuses prepare's engine settings unless given its own
 # --------------------------------------------------------------------------------------------
+mkdir -p "$OUT"
 
 # 1. The dual step, once (a finished prepare is reused as it is).
 python -m openrlhf_dual.cli.prepare \
@@ -54,18 +55,21 @@ REPORTS=()
 for ROUND in $(seq 0 "$ROUNDS"); do
   NAME="round-$ROUND"
   CKPT="$OUT/$NAME"
-  # 2. Train (kept when finished: full weights or a LoRA adapter).
-  if [ ! -f "$CKPT/config.json" ] && [ ! -f "$CKPT/adapter_config.json" ]; then
+  # 2. Train (kept when finished: CKPT.done is written after the run exits 0, so a run killed while
+  #    it saved is run again).
+  if [ ! -f "$CKPT.done" ]; then
     $LAUNCH "${TRAINER[@]}" \
        --model.model_name_or_path "$REF" $TRAIN_FLAGS \
        --ckpt.output_dir "$CKPT" --logger.logging_steps 1 --logger.tensorboard_dir "$OUT/tensorboard/$NAME" \
        --dual.algo mocan --dual.prep_dir "$PREP" ${LAM:+--dual.lambda $LAM}
+    touch "$CKPT.done"
   fi
   # With LoRA OpenRLHF saves the adapter only, which vLLM cannot load as a model: merge it.
   if [ -f "$CKPT/adapter_config.json" ]; then
-    if [ ! -f "$CKPT-merged/config.json" ]; then
+    if [ ! -f "$CKPT-merged.done" ]; then
       python -m openrlhf.cli.lora_combiner --model_path "$REF" --lora_path "$CKPT" \
          --output_path "$CKPT-merged" --ds.param_dtype bf16
+      touch "$CKPT-merged.done"
     fi
     CKPT="$CKPT-merged"
   fi

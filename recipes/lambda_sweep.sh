@@ -24,6 +24,7 @@ TRAIN_FLAGS=${TRAIN_FLAGS:-"--ds.zero_stage 2 --ds.param_dtype bf16 --ds.load_in
 --train.micro_batch_size 4 --train.batch_size 64 --train.max_epochs 3 --adam.lr 5e-4 --data.max_len 1024"}
 EVAL_FLAGS=${EVAL_FLAGS-"--dual.backend vllm --dual.num_gpus_per_actor 1"}   # set it empty for HF on CPU
 # --------------------------------------------------------------------------------------------
+mkdir -p "$OUT"
 
 if [ "$OBJECTIVE" = dpo ]; then TRAINER=(openrlhf_dual.cli.train_dpo --model.beta "$BETA"); else TRAINER=(openrlhf_dual.cli.train_sft); fi
 POLICIES=()
@@ -31,21 +32,24 @@ for LAM in $LAMBDAS; do
   if [ "$LAM" = star ]; then LAM_FLAG=(); NAME=lambda-star; LAM_SPEC="";
   else LAM_FLAG=(--dual.lambda "$LAM"); NAME="lambda-$LAM"; LAM_SPEC=":$LAM"; fi
   CKPT="$OUT/$NAME"
-  # a finished run (full weights, or a LoRA adapter) is kept: rerunning the sweep resumes it
-  if [ ! -f "$OUT/$NAME/config.json" ] && [ ! -f "$OUT/$NAME/adapter_config.json" ]; then
+  # a run that finished (CKPT.done, written after it exits 0) is kept: rerunning the sweep resumes;
+  # a run killed while it saved (config.json written, weights not) is run again
+  if [ ! -f "$CKPT.done" ]; then
     $LAUNCH "${TRAINER[@]}" \
        --model.model_name_or_path "$REF" $TRAIN_FLAGS \
-       --ckpt.output_dir "$OUT/$NAME" --logger.logging_steps 1 --logger.tensorboard_dir "$OUT/tensorboard/$NAME" \
+       --ckpt.output_dir "$CKPT" --logger.logging_steps 1 --logger.tensorboard_dir "$OUT/tensorboard/$NAME" \
        --dual.algo mocan --dual.prep_dir "$PREP" "${LAM_FLAG[@]}"
+    touch "$CKPT.done"
   fi
   # With LoRA (--ds.lora.rank) OpenRLHF saves the adapter only, which vLLM cannot load as a model:
   # merge it into the reference with OpenRLHF's lora_combiner and evaluate the merged checkpoint.
-  if [ -f "$OUT/$NAME/adapter_config.json" ]; then
-    if [ ! -f "$OUT/$NAME-merged/config.json" ]; then
-      python -m openrlhf.cli.lora_combiner --model_path "$REF" --lora_path "$OUT/$NAME" \
-         --output_path "$OUT/$NAME-merged" --ds.param_dtype bf16
+  if [ -f "$CKPT/adapter_config.json" ]; then
+    if [ ! -f "$CKPT-merged.done" ]; then
+      python -m openrlhf.cli.lora_combiner --model_path "$REF" --lora_path "$CKPT" \
+         --output_path "$CKPT-merged" --ds.param_dtype bf16
+      touch "$CKPT-merged.done"
     fi
-    CKPT="$OUT/$NAME-merged"
+    CKPT="$CKPT-merged"
   fi
   POLICIES+=("$NAME=$CKPT$LAM_SPEC")
 done
