@@ -114,6 +114,7 @@ def test_bounds_contain_the_exact_whole_distribution_values(models):
                                (b["optimum"]["reward"], truth["opt_r"])):  # fmt: skip
             assert lo - 1e-12 <= want <= hi + 1e-12, (eps, lo, want, hi)
             assert hi - lo > 0
+        assert all(b[k]["mass_on_set"][1] <= 1.0 for k in ("policy", "optimum", "reference"))  # a probability
 
 
 def test_log_prob_floor_holds(models):

@@ -102,9 +102,9 @@ def reference_view(e: Enumeration, lam, beta: float) -> dict:
     on_q = float(np.exp(_lse(x[e.on_set]) - log_zs)) if e.on_set.any() else 0.0
     shares = np.exp(log_zs - log_z)  # enumerated share of Q: [at the smallest Z, at the largest]
     return {
-        "reference": {"mass_on_set": np.array([on_r, on_r + cr.sum()]), "reward": ref[0], "safety": ref[1:]},
+        "reference": {"mass_on_set": np.array([on_r, min(on_r + cr.sum(), 1.0)]), "reward": ref[0], "safety": ref[1:]},
         "optimum": {
-            "mass_on_set": np.array([on_q * shares[1], on_q * shares[0] + (1 - shares[1])]),
+            "mass_on_set": np.array([on_q * shares[1], min(on_q * shares[0] + (1 - shares[1]), 1.0)]),
             "reward": opt[0], "safety": opt[1:],
             "kl": np.maximum(np.array([e_qu[0] / beta - log_z[1], e_qu[1] / beta - log_z[0]]), 0.0),
         },
@@ -128,7 +128,7 @@ def policy_view(e: Enumeration, lam, beta: float, token_log_ratio: float, log_z:
     stats = np.array([_expect(p, e.scores @ c, cp, *e.cut_bounds(c)) for c in funcs])
     on_p = float(p[e.on_set].sum())
     return {
-        "mass_on_set": np.array([on_p, on_p + cp.sum()]), "reward": stats[0], "safety": stats[1:],
+        "mass_on_set": np.array([on_p, min(on_p + cp.sum(), 1.0)]), "reward": stats[0], "safety": stats[1:],
         "kl": np.maximum(kl_pr, 0.0),
         "kl_to_optimum": np.maximum(np.array([kl_pr[0] - e_pu[1] / beta + log_z[0],
                                               kl_pr[1] - e_pu[0] / beta + log_z[1]]), 0.0),
