@@ -55,14 +55,19 @@ REPORTS=()
 for ROUND in $(seq 0 "$ROUNDS"); do
   NAME="round-$ROUND"
   CKPT="$OUT/$NAME"
-  # 2. Train (kept when finished: CKPT.done is written after the run exits 0, so a run killed while
-  #    it saved is run again).
+  # 2. Train (kept when finished: CKPT.done, written after the run exits 0, holds what it was
+  #    trained with; a run killed while it saved is run again, one with other settings refused).
+  RUN="$REF $PREP $OBJECTIVE $BETA ${LAM:-lambda*} $TRAIN_FLAGS"
+  if [ -f "$CKPT.done" ] && [ "$(cat "$CKPT.done")" != "$RUN" ]; then
+    echo "calibrated: $CKPT was trained with other settings ($(cat "$CKPT.done")); remove $CKPT.done to train it again" >&2
+    exit 1
+  fi
   if [ ! -f "$CKPT.done" ]; then
     $LAUNCH "${TRAINER[@]}" \
        --model.model_name_or_path "$REF" $TRAIN_FLAGS \
        --ckpt.output_dir "$CKPT" --logger.logging_steps 1 --logger.tensorboard_dir "$OUT/tensorboard/$NAME" \
        --dual.algo mocan --dual.prep_dir "$PREP" ${LAM:+--dual.lambda $LAM}
-    touch "$CKPT.done"
+    printf '%s\n' "$RUN" > "$CKPT.done"
   fi
   # With LoRA OpenRLHF saves the adapter only, which vLLM cannot load as a model: merge it.
   if [ -f "$CKPT/adapter_config.json" ]; then

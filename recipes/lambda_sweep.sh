@@ -32,14 +32,20 @@ for LAM in $LAMBDAS; do
   if [ "$LAM" = star ]; then LAM_FLAG=(); NAME=lambda-star; LAM_SPEC="";
   else LAM_FLAG=(--dual.lambda "$LAM"); NAME="lambda-$LAM"; LAM_SPEC=":$LAM"; fi
   CKPT="$OUT/$NAME"
-  # a run that finished (CKPT.done, written after it exits 0) is kept: rerunning the sweep resumes;
-  # a run killed while it saved (config.json written, weights not) is run again
+  # a run that finished (CKPT.done, written after it exits 0, holds what it was trained with) is
+  # kept: rerunning the sweep resumes; a run killed while it saved is run again; a finished run with
+  # other settings is refused, not reused
+  RUN="$REF $PREP $OBJECTIVE $BETA ${LAM_FLAG[*]} $TRAIN_FLAGS"
+  if [ -f "$CKPT.done" ] && [ "$(cat "$CKPT.done")" != "$RUN" ]; then
+    echo "sweep: $CKPT was trained with other settings ($(cat "$CKPT.done")); remove $CKPT.done to train it again" >&2
+    exit 1
+  fi
   if [ ! -f "$CKPT.done" ]; then
     $LAUNCH "${TRAINER[@]}" \
        --model.model_name_or_path "$REF" $TRAIN_FLAGS \
        --ckpt.output_dir "$CKPT" --logger.logging_steps 1 --logger.tensorboard_dir "$OUT/tensorboard/$NAME" \
        --dual.algo mocan --dual.prep_dir "$PREP" "${LAM_FLAG[@]}"
-    touch "$CKPT.done"
+    printf '%s\n' "$RUN" > "$CKPT.done"
   fi
   # With LoRA (--ds.lora.rank) OpenRLHF saves the adapter only, which vLLM cannot load as a model:
   # merge it into the reference with OpenRLHF's lora_combiner and evaluate the merged checkpoint.

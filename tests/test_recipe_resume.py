@@ -1,8 +1,12 @@
 """A rerun of a multi-run recipe resumes from the runs that finished and only those: a training run
 or LoRA merge counts as finished once it exited 0 (the recipe then writes NAME.done beside its
-output), so one killed while it saved (config.json written, weights not) is run again."""
+output, with the settings it trained with), so one killed while it saved (config.json written,
+weights not) is run again, and a finished run is never reused under other settings."""
 
 from __future__ import annotations
+
+import os
+import subprocess
 
 from recipe_commands import RECIPES, flag_values, recorded_commands
 
@@ -32,6 +36,12 @@ def test_lambda_sweep_reruns_what_did_not_finish_and_nothing_else(tmp_path, monk
     (out / "lambda-star" / "adapter_config.json").write_text("{}")
     assert runs(recipe, tmp_path) == ([half], [star + "-merged"], 1)
     assert runs(recipe, tmp_path) == ([], [], 1)  # everything finished: only the evaluation runs
+    # other training settings: refused, nothing trained over the finished runs
+    env = {**os.environ, "PATH": f"{tmp_path / 'run-0' / 'stub-bin'}{os.pathsep}{os.environ['PATH']}",
+           "TRAIN_FLAGS": "--train.max_epochs 9"}  # fmt: skip
+    proc = subprocess.run(["bash", str(recipe)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and f"{star} was trained with other settings" in proc.stderr, proc.stderr
+    assert (out / "lambda-star.done").read_text().endswith("--data.max_len 1024\n")  # the default flags, kept
 
 
 def test_calibrated_recipe_keeps_finished_rounds(tmp_path, monkeypatch):
