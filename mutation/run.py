@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -109,9 +110,12 @@ def main() -> int:
         else:
             shutil.rmtree(ROOT / "mutants", ignore_errors=True)
             (ROOT / "mutants").mkdir()
+        # mutmut forks each mutant's test run from a process that has run torch: with torch's thread
+        # pools alive the children deadlock (futex waits) and time out, which would count as kills
+        single = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         with open(ROOT / "mutants" / "run.log", "w") as log:  # mutmut's own progress output
             proc = subprocess.run([str(mutmut), "run", "--max-children", str(a.max_children), *globs], cwd=ROOT,
-                                  stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+                                  env={**os.environ, **single}, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
         if proc.returncode != 0:
             print(f"mutmut run exited {proc.returncode}: see mutants/run.log", file=sys.stderr)
             return proc.returncode
