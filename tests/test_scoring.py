@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from conftest import torchrun
 from openrlhf_dual.launch import cpu_env, free_port
 from openrlhf_dual.scoring import ScoreBatch, build_scorer, parse_source
+from openrlhf_dual.scoring.safe_rlhf import normaliser
 
 BATCH = ScoreBatch(
     raw_prompts=["w1 w2", "w3 w4 w5", "w6"],
@@ -287,6 +288,36 @@ def test_safe_rlhf_checkpoint_scores_keep_bias_and_normalise_by_score_type(tiny_
     (path / "config.json").write_text(json.dumps(cfg))
     no_bias = build_scorer(parse_source(f"safe_rlhf:{path},sign=-1", role="safety")).score(BATCH)
     assert np.allclose(no_bias - ours, NORMALISED[score_type](0.75) - NORMALISED[score_type](0.0), atol=1e-5)
+
+
+V1_CONFIG = {"architectures": ["LlamaModelForScore"], "bias": False}
+V2_CONFIG = {"architectures": ["LlamaForScore"], "normalizer_type": "ExponentialMovingAverage", "momentum": 0.9,
+             "mean": [0.4], "var": [2.25]}  # fmt: skip
+
+
+def test_safe_rlhf_normaliser_follows_the_config_like_safe_rlhf():
+    """(shift, var) as Safe-RLHF's score model reads its config: do_normalize defaults to false
+    (the `normalize` option overrides it), score_type to reward; reward (x - mean), cost x (no
+    mean), critic unchanged; absent mean / var are its Normalizer's initial 0 / 1. A v1.0 config
+    has no normaliser and a config it cannot read is refused, each with a message that says why."""
+    assert normaliser(V2_CONFIG)[1] is None  # do_normalize absent: raw scores
+    assert normaliser({**V2_CONFIG, "do_normalize": True, "score_type": "reward"}, normalize=False)[1] is None
+    assert normaliser({**V2_CONFIG, "do_normalize": True}) == (0.4, 2.25)  # score_type absent: reward
+    assert normaliser(V2_CONFIG, normalize=True) == (0.4, 2.25)
+    assert normaliser({**V2_CONFIG, "score_type": "reward"}, normalize=True) == (0.4, 2.25)
+    assert normaliser({**V2_CONFIG, "score_type": "cost"}, normalize=True) == (0.0, 2.25)
+    assert normaliser({**V2_CONFIG, "score_type": "critic"}, normalize=True)[1] is None
+    bare = {"architectures": ["LlamaForScore"], "do_normalize": True}
+    assert normaliser(bare) == (0.0, 1.0)
+    assert normaliser({**bare, "score_type": "cost"}) == (0.0, 1.0)
+    assert normaliser(V1_CONFIG)[1] is None
+    v1_refused = r"^\['LlamaModelForScore'\] \(Safe-RLHF v1\.0\) has no normaliser; drop normalize=true$"
+    with pytest.raises(ValueError, match=v1_refused):
+        normaliser(V1_CONFIG, normalize=True)
+    with pytest.raises(ValueError, match=r"^score_type 'bogus': expected one of reward, cost, critic$"):
+        normaliser({**V2_CONFIG, "score_type": "bogus"}, normalize=True)
+    with pytest.raises(ValueError, match=r"^score_dim 2: only one score per text is supported$"):
+        normaliser({**V2_CONFIG, "mean": [0.4, 0.1]}, normalize=True)
 
 
 def test_safe_rlhf_truncation_and_dtype_options(tiny_model_dir, tmp_path):
