@@ -10,7 +10,8 @@ import pytest
 from scipy.special import logsumexp, softmax
 
 from openrlhf_dual.dual import frontier, predict, solve_dual
-from openrlhf_dual.dual.objective import OneConstraint, dual_value, evaluate
+from openrlhf_dual.dual.objective import OneConstraint, dual_value, evaluate, log_weights
+from openrlhf_dual.dual.uncertainty import bootstrap_stderr
 
 
 def instance(n=50, k=16, m=2, seed=0):
@@ -60,6 +61,7 @@ def test_one_constraint_derivatives_match_the_formulas():
     np.testing.assert_allclose(ev.per_prompt_safety[:, 0], per[:, 0], rtol=1e-12)
     assert ev.reward == pytest.approx(rew, rel=1e-12) and ev.kl == pytest.approx(kl, rel=1e-10)
     assert ev.hess[0, 0] == pytest.approx(h) and ev.safety[0] == pytest.approx(per.mean())
+    assert isinstance(ev.value, float) and np.isnan(ev.value)  # not computed on this path
     # the third derivative: central differences of the Hessian
     hp = by_hand(reward, safety, np.array([lam + 1e-5]), beta, np.array([b]))[2][0, 0]
     hm = by_hand(reward, safety, np.array([lam - 1e-5]), beta, np.array([b]))[2][0, 0]
@@ -141,6 +143,37 @@ def test_frontier_record_and_lookup():
     assert ev(reward, s, np.array([top]), 0.5, np.zeros(1)).safety[0] >= target
     if top > 0.5 / safety.std():
         assert ev(reward, s, np.array([top / 2]), 0.5, np.zeros(1)).safety[0] < target
+
+
+def test_log_weights_normalise_each_prompt_on_its_own_scale():
+    """Prompts whose logits lie thousands of nats apart: each prompt's weights and log-normaliser
+    are still exact (no prompt underflows against another's maximum)."""
+    reward, safety = instance(n=3, k=5, m=2, seed=4)
+    reward[1] += 3000.0
+    reward[2] -= 3000.0
+    lam, beta = np.array([0.3, 1.1]), 0.5
+    log_w, log_mean = log_weights(reward, safety, lam, beta)
+    z = (reward + safety @ lam) / beta
+    np.testing.assert_allclose(log_w, z - logsumexp(z, axis=1, keepdims=True), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(log_mean, logsumexp(z, axis=1) - np.log(5), rtol=1e-12)
+
+
+def test_bootstrap_stderr_is_the_std_of_the_refits_and_inf_where_one_is_unreachable():
+    """Column 0: every refit finite, its std (ddof 1); column 1: one refit is inf, so inf, without
+    numpy's invalid-value warning (the std of values with an inf)."""
+    import warnings
+
+    n, seen = 7, []
+
+    def refit(idx):
+        seen.append(idx)
+        return np.array([idx.mean(), np.inf if len(seen) == 2 else 1.0])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = bootstrap_stderr(n, refit, n_boot=5, seed=3)
+    assert len(seen) == 5 and all(len(i) == n and i.min() >= 0 and i.max() < n for i in seen)
+    assert out[0] == pytest.approx(np.std([i.mean() for i in seen], ddof=1), rel=1e-12) and out[1] == np.inf
 
 
 def test_bootstrap_marks_exactly_unreachable_resamples_and_keeps_small_slacks():

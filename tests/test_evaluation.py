@@ -138,6 +138,20 @@ def test_markdown_has_a_row_per_policy_with_values_and_units():
     assert len(md.splitlines()) == 4 + 2 + 2 and md.endswith("|\n")
 
 
+def test_markdown_shows_the_prep_directory_relative_to_root_when_inside_it(tmp_path):
+    inside, outside = tmp_path / "repo" / "runs" / "prep", tmp_path / "elsewhere" / "prep"
+    for d in (inside, outside):
+        d.mkdir(parents=True)
+
+    def prep_line(prep_dir, root):
+        return markdown({**report_of(margin=False), "prep_dir": str(prep_dir)}, root=root).splitlines()[2]
+
+    assert prep_line(inside, tmp_path / "repo").startswith("Prep directory `runs/prep`; thresholds")
+    assert prep_line(inside, str(tmp_path / "repo" / "runs" / ".." / "runs")).startswith("Prep directory `prep`;")
+    assert prep_line(outside, tmp_path / "repo").startswith(f"Prep directory `{outside}`;")
+    assert prep_line(inside, None).startswith(f"Prep directory `{inside}`;")
+
+
 def png_pixels(path):
     from matplotlib.image import imread
 

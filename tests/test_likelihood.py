@@ -87,6 +87,45 @@ def test_anchor_weights_are_self_normalised_per_prompt():
     np.testing.assert_allclose(w[2], 2 * np.exp(u_b / 0.5) / np.exp(u_b / 0.5).sum(), rtol=1e-12)
 
 
+def direct_weights(reward, safety, lam, beta):
+    """K softmax_k((r + lam . g) / beta) per prompt, written out: safety [N, K, m], lam [m]."""
+    u = (reward + np.einsum("nkj,j->nk", safety, lam)) / beta
+    e = np.exp(u - u.max(axis=1, keepdims=True))
+    return reward.shape[1] * e / e.sum(axis=1, keepdims=True)
+
+
+def test_sample_weights_are_k_times_each_prompts_softmax_in_float64():
+    rng = np.random.default_rng(5)
+    reward, safety, lam, beta = rng.normal(size=(4, 6)), rng.normal(size=(4, 6, 2)), np.array([0.7, 1.9]), 0.4
+    reward[2] += 4000.0  # prompts on scales far apart: each is normalised on its own
+    w = sample_weights(reward, safety, lam, beta)
+    assert w.shape == (4, 6) and w.dtype == np.float64 and np.all(np.isfinite(w))
+    np.testing.assert_allclose(w, direct_weights(reward, safety, lam, beta), rtol=1e-12)
+    np.testing.assert_allclose(w.mean(axis=1), 1.0, rtol=1e-12)
+    # one constraint: safety [N, K] and a float lambda are [N, K, 1] and [1]
+    w1 = sample_weights(reward, safety[..., 0], 0.7, beta)
+    np.testing.assert_allclose(w1, direct_weights(reward, safety[..., :1], np.array([0.7]), beta), rtol=1e-12)
+    # float32 and integer scores give the weights of the same values in float64
+    r32, g32 = reward.astype(np.float32), safety.astype(np.float32)
+    l32 = lam.astype(np.float32)
+    want = sample_weights(r32.astype(np.float64), g32.astype(np.float64), l32.astype(np.float64), beta)
+    np.testing.assert_array_equal(sample_weights(r32, g32, l32, beta), want)
+    ri, gi = np.round(reward).astype(int), np.round(safety).astype(int)
+    np.testing.assert_array_equal(sample_weights(ri, gi, [1, 2], beta), sample_weights(ri * 1.0, gi * 1.0, [1.0, 2.0], beta))
+
+
+def test_sample_weights_refuse_bad_input():
+    reward, safety = np.zeros((2, 3)), np.zeros((2, 3, 2))
+    for beta in (0.0, -0.5):
+        with pytest.raises(ValueError, match=f"beta must be positive, got {beta}"):
+            sample_weights(reward, safety, [1.0, 1.0], beta)
+    with pytest.raises(ValueError, match="safety has 2 constraints per response but lambda has 3"):
+        sample_weights(reward, safety, [1.0, 1.0, 1.0], 0.5)
+    for r, g in ((np.where(np.eye(2, 3) > 0, np.nan, reward), safety), (reward, np.where(safety == 0, np.inf, 0.0))):
+        with pytest.raises(ValueError, match="^non-finite scores: weights need every sample's reward and safety$"):
+            sample_weights(r, g, [1.0, 1.0], 0.5)
+
+
 def write_sample_prep(root, tok, lam=1.0, beta=0.5, form="model", k=8, n=8, seed=0):
     """A hand-made prep directory of scored samples with real token ids: every response is one of
     "good fine"+EOS (helpful, unsafe), "kind kind"+EOS (safe) or "bad harm" without EOS (unfinished)."""
