@@ -406,3 +406,94 @@ def test_line_search_backtracks_to_lambda_star():
     sol = solve_dual(reward, safety, b, 0.5)
     assert sol.kkt_residual <= 1e-10 and sol.iterations <= 12
     np.testing.assert_allclose(sol.lam, independent_lambda(reward, safety, b, 0.5), rtol=1e-8)
+
+
+def one_constraint_derivatives(reward, g, b, beta, lam):
+    """(dD/dlam, d2D/dlam2, d3D/dlam3) for one constraint, from the weights by their definition."""
+    z = (reward + lam * g) / beta
+    w = np.exp(z - logsumexp(z, axis=1, keepdims=True))
+    centred = g - np.sum(w * g, axis=1, keepdims=True)
+    return (np.mean(np.sum(w * g, axis=1)) - b, np.mean(np.sum(w * centred**2, axis=1)) / beta,
+            np.mean(np.sum(w * centred**3, axis=1)) / beta**2)  # fmt: skip
+
+
+def iterates(reward, g, b, beta, n, lam0=None):
+    """lambda after 0, 1, ..., n steps (the solver stopped by max_iter)."""
+    return [solve_dual(reward, g, b, beta, lam0=lam0, max_iter=j).lam[0] for j in range(n + 1)]
+
+
+def halley(reward, g, b, beta, lam):
+    d1, d2, d3 = one_constraint_derivatives(reward, g, b, beta, lam)
+    return lam - 2 * d1 * d2 / (2 * d2 * d2 - d1 * d3)
+
+
+def test_one_constraint_steps_are_halley_steps():
+    """Smooth scores from lambda = 0: every step is Halley's (cubic convergence)."""
+    reward, safety = instance(m=1)
+    g, b = safety[..., 0], safety.mean() + 0.5
+    n = solve_dual(reward, g, b, 0.5).iterations
+    xs = iterates(reward, g, b, 0.5, n)
+    for j in range(n):
+        assert xs[j + 1] == pytest.approx(halley(reward, g, b, 0.5, xs[j]), rel=1e-9), j
+
+
+def test_one_constraint_bisects_while_a_step_does_not_halve_the_gradient():
+    """From far above lambda*: a Halley step back down, then bisection of [0, lam] while the
+    gradient does not halve, then Halley steps inside the bracket."""
+    reward, safety = instance(n=200, m=1, seed=3)
+    g, b = safety[..., 0], safety.mean() + 0.4
+    sol = solve_dual(reward, g, b, 0.5, lam0=60.0)
+    xs = iterates(reward, g, b, 0.5, sol.iterations, lam0=60.0)
+    assert xs[1] == pytest.approx(halley(reward, g, b, 0.5, 60.0), rel=1e-6)  # weights nearly one-hot
+    assert xs[2:5] == [xs[1] / 2, xs[1] / 4, xs[1] / 8]
+    assert xs[5] == pytest.approx(halley(reward, g, b, 0.5, xs[4]), rel=1e-9)
+    assert sol.lam[0] == pytest.approx(solve_dual(reward, g, b, 0.5).lam[0], rel=1e-9)
+
+
+def test_one_constraint_takes_a_newton_step_where_halley_has_no_positive_denominator():
+    """Skewed (exponential) safety scores: at lambda = 0, 2 D''^2 - D' D''' < 0 and the step is
+    Newton's, -D'/D''."""
+    rng = np.random.default_rng(12)
+    g = -rng.exponential(size=(100, 8))
+    reward = rng.normal(size=(100, 8)) + g
+    b = g.mean() + 0.95 * (g.max(axis=1).mean() - g.mean())
+    d1, d2, d3 = one_constraint_derivatives(reward, g, b, 0.1, 0.0)
+    assert 2 * d2 * d2 - d1 * d3 < 0 < d2
+    sol = solve_dual(reward, g, b, 0.1)
+    assert iterates(reward, g, b, 0.1, 1)[1] == pytest.approx(-d1 / d2, rel=1e-9)
+    root = brentq(lambda x: one_constraint_derivatives(reward, g, b, 0.1, x)[0], 0, 100, xtol=1e-14)
+    assert sol.lam[0] == pytest.approx(root, rel=1e-9) and sol.iterations <= 9
+
+
+def test_one_hot_weights_double_from_beta_over_the_score_spread():
+    """A beta so small that pi_ref's weights are exactly one-hot (no Hessian, no Halley or Newton
+    step): the first step is beta / sd(g - mean_k g), then lambda doubles until the safety scores
+    move the weights, and the solver still lands on lambda*."""
+    rng = np.random.default_rng(12)
+    reward = np.argsort(rng.random((50, 6)), axis=1).astype(float)  # distinct integers per prompt
+    g = 5e-4 * rng.normal(size=(50, 6))
+    beta = 1e-3
+    b = g.mean() + 0.5 * (g.max(axis=1).mean() - g.mean())
+    sol = solve_dual(reward, g, b, beta)
+    xs = iterates(reward, g, b, beta, 11)
+    assert xs[1] == pytest.approx(beta / np.std(g - g.mean(axis=1, keepdims=True)), rel=1e-12)
+    assert xs[2:12] == [xs[1] * 2.0**j for j in range(1, 11)]
+    root = brentq(lambda x: one_constraint_derivatives(reward, g, b, beta, x)[0], 0, 1e5, xtol=1e-12)
+    assert sol.lam[0] == pytest.approx(root, rel=1e-6) and sol.kkt_residual <= 1e-10 and sol.iterations <= 30
+    assert abs(one_constraint_derivatives(reward, g, b, beta, sol.lam[0])[0]) <= 1e-10
+
+
+def test_large_n_starts_from_the_strided_subset_solution():
+    """N > 1024: the solver starts where the same solve on every (N // 512)-th prompt ends, with
+    the same tol and max_iter; N = 1024 starts from 0."""
+    reward, safety = instance(n=1025, k=6, m=1, seed=13)
+    b = safety.mean() + 0.3
+    for max_iter in (2, 100):
+        sub = solve_dual(reward[::2], safety[::2], b, 0.5, max_iter=max_iter, tol=1e-6)
+        full = solve_dual(reward, safety, b, 0.5, max_iter=max_iter, tol=1e-6)
+        warm = solve_dual(reward, safety, b, 0.5, lam0=sub.lam, max_iter=max_iter, tol=1e-6)
+        assert np.array_equal(full.lam, warm.lam) and full.iterations == warm.iterations
+    cold = solve_dual(reward, safety, b, 0.5, lam0=0.0)
+    assert full.iterations < cold.iterations
+    at_1024 = solve_dual(reward[:1024], safety[:1024], b, 0.5)
+    assert np.array_equal(at_1024.lam, solve_dual(reward[:1024], safety[:1024], b, 0.5, lam0=0.0).lam)
