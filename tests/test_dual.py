@@ -314,6 +314,8 @@ def test_a_warm_start_at_lambda_star_takes_no_step(m):
         assert warm.iterations == 0 and np.array_equal(warm.lam, cold.lam) and warm.lam.dtype == np.float64
     clipped = solve_dual(reward, safety, b, 0.5, lam0=-np.ones(m))
     assert clipped.iterations == cold.iterations and np.array_equal(clipped.lam, cold.lam)
+    slack = solve_dual(reward, safety, b - 5.0, 0.5, lam0=np.zeros(m, np.float32))  # a float32 start
+    assert slack.iterations == 0 and slack.lam.tolist() == [0.0] * m and slack.lam.dtype == np.float64
 
 
 def test_slack_constraints_stop_at_zero_at_once():
@@ -497,3 +499,23 @@ def test_large_n_starts_from_the_strided_subset_solution():
     assert full.iterations < cold.iterations
     at_1024 = solve_dual(reward[:1024], safety[:1024], b, 0.5)
     assert np.array_equal(at_1024.lam, solve_dual(reward[:1024], safety[:1024], b, 0.5, lam0=0.0).lam)
+
+
+def test_many_constraints_verdict_matches_the_direct_linear_program():
+    """20 constraints: the cutting planes stop at their cap of 200, and the verdict still agrees with
+    the max-margin LP over per-prompt reweightings (max t s.t. mean_i sum_k w_ik g_ik >= b + t)."""
+    from scipy.optimize import linprog
+
+    rng = np.random.default_rng(0)
+    n, k, m = 100, 8, 20
+    safety = rng.normal(size=(n, k, m))
+    reward = rng.normal(size=(n, k))
+    base, reach = safety.mean(axis=(0, 1)), safety.max(axis=1).mean(axis=0)
+    b = base + 0.3 * (reach - base)
+    a_ub = np.c_[-safety.transpose(2, 0, 1).reshape(m, n * k) / n, np.ones(m)]
+    a_eq = np.c_[np.kron(np.eye(n), np.ones(k)), np.zeros(n)]
+    lp = linprog(np.r_[np.zeros(n * k), -1.0], A_ub=a_ub, b_ub=-b, A_eq=a_eq, b_eq=np.ones(n),
+                 bounds=[(0, None)] * (n * k) + [(None, None)], method="highs")  # fmt: skip
+    assert lp.status == 0 and lp.x[-1] < -0.05  # no reweighting meets all 20 thresholds
+    sol = solve_dual(reward, safety, b, 0.5)
+    assert sol.feasible is False and np.isinf(sol.lam).all()
