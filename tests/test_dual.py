@@ -467,19 +467,23 @@ def test_one_constraint_takes_a_newton_step_where_halley_has_no_positive_denomin
     assert sol.lam[0] == pytest.approx(root, rel=1e-9) and sol.iterations <= 9
 
 
-def test_one_hot_weights_double_from_beta_over_the_score_spread():
+@pytest.mark.parametrize("scores, doublings", [("normal", 10), ("binary", 5)])
+def test_one_hot_weights_double_from_beta_over_the_score_spread(scores, doublings):
     """A beta so small that pi_ref's weights are exactly one-hot (no Hessian, no Halley or Newton
-    step): the first step is beta / sd(g - mean_k g), then lambda doubles until the safety scores
-    move the weights, and the solver still lands on lambda*."""
+    step; with 0/1 judge verdicts and a power-of-two beta, the second and third derivatives are
+    exactly 0): the first step is beta / sd(g - mean_k g), then lambda doubles until the safety
+    scores move the weights, and the solver still lands on lambda*."""
     rng = np.random.default_rng(12)
     reward = np.argsort(rng.random((50, 6)), axis=1).astype(float)  # distinct integers per prompt
-    g = 5e-4 * rng.normal(size=(50, 6))
-    beta = 1e-3
+    if scores == "normal":
+        g, beta = 5e-4 * rng.normal(size=(50, 6)), 1e-3
+    else:
+        g, beta = (rng.random((50, 6)) < 0.5).astype(float), 2.0**-10
     b = g.mean() + 0.5 * (g.max(axis=1).mean() - g.mean())
     sol = solve_dual(reward, g, b, beta)
-    xs = iterates(reward, g, b, beta, 11)
+    xs = iterates(reward, g, b, beta, doublings + 1)
     assert xs[1] == pytest.approx(beta / np.std(g - g.mean(axis=1, keepdims=True)), rel=1e-12)
-    assert xs[2:12] == [xs[1] * 2.0**j for j in range(1, 11)]
+    assert xs[2:] == [xs[1] * 2.0**j for j in range(1, doublings + 1)]
     root = brentq(lambda x: one_constraint_derivatives(reward, g, b, beta, x)[0], 0, 1e5, xtol=1e-12)
     assert sol.lam[0] == pytest.approx(root, rel=1e-6) and sol.kkt_residual <= 1e-10 and sol.iterations <= 30
     assert abs(one_constraint_derivatives(reward, g, b, beta, sol.lam[0])[0]) <= 1e-10
