@@ -474,11 +474,12 @@ def test_one_hot_weights_double_from_beta_over_the_score_spread(scores, doubling
     exactly 0): the first step is beta / sd(g - mean_k g), then lambda doubles until the safety
     scores move the weights, and the solver still lands on lambda*."""
     rng = np.random.default_rng(12)
-    reward = np.argsort(rng.random((50, 6)), axis=1).astype(float)  # distinct integers per prompt
+    k = 6 if scores == "normal" else 4  # 4: per-prompt means of 0/1 verdicts are dyadic, moments exact
+    reward = np.argsort(rng.random((50, k)), axis=1).astype(float)  # distinct integers per prompt
     if scores == "normal":
-        g, beta = 5e-4 * rng.normal(size=(50, 6)), 1e-3
+        g, beta = 5e-4 * rng.normal(size=(50, k)), 1e-3
     else:
-        g, beta = (rng.random((50, 6)) < 0.5).astype(float), 2.0**-10
+        g, beta = (rng.random((50, k)) < 0.5).astype(float), 2.0**-10
     b = g.mean() + 0.5 * (g.max(axis=1).mean() - g.mean())
     sol = solve_dual(reward, g, b, beta)
     xs = iterates(reward, g, b, beta, doublings + 1)
