@@ -91,10 +91,13 @@ def check_inputs(reward, safety, thresholds, beta: float, form: str):
     return reward, safety, thresholds
 
 
-def joint_slack(safety: np.ndarray, thresholds: np.ndarray, tol: float = 1e-12) -> float:
-    """min over u in the simplex of h(u) = mean_i max_k u . g_ik - u . b (> 0 iff the thresholds
-    are strictly reachable by reweighting the samples), by Kelley's cutting planes: h is the max
-    of linear functions, one per choice of a sample per prompt, so each cut is exact."""
+def joint_slack(safety: np.ndarray, thresholds: np.ndarray, tol: float = 1e-12, max_cuts: int = 1000) -> float:
+    """A number with the sign of min over u in the simplex of h(u) = mean_i max_k u . g_ik - u . b
+    (> 0 iff the thresholds are strictly reachable by reweighting the samples), by Kelley's cutting
+    planes: h is the max of linear functions, one per choice of a sample per prompt, so each cut is
+    exact; the master LP's value bounds min h from below and h at its solution from above. Returns
+    the bound that settles the sign as soon as one does (or h where they meet); if the cuts run out
+    first, the lower bound (<= 0): a threshold that close to the boundary is refused."""
     from scipy.optimize import linprog
 
     m = safety.shape[2]
@@ -107,9 +110,8 @@ def joint_slack(safety: np.ndarray, thresholds: np.ndarray, tol: float = 1e-12) 
 
     u = np.full(m, 1.0 / m)
     cuts = []
-    for _ in range(200):
-        h, slope = cut(u)
-        cuts.append(slope)
+    for _ in range(max_cuts):
+        cuts.append(cut(u)[1])
         # min t s.t. t >= slope_q . u for every cut, u in the simplex; variables (u, t)
         res = linprog(
             np.r_[np.zeros(m), 1.0],
@@ -118,9 +120,12 @@ def joint_slack(safety: np.ndarray, thresholds: np.ndarray, tol: float = 1e-12) 
             bounds=[(0, None)] * m + [(None, None)], method="highs",
         )  # fmt: skip
         u, lower = res.x[:m], res.x[m]
-        if cut(u)[0] - lower <= tol * max(1.0, abs(lower)):
-            return float(cut(u)[0])
-    return float(cut(u)[0])
+        upper = cut(u)[0]
+        if lower > 0:
+            return float(lower)  # every u has h(u) >= lower > 0: reachable
+        if upper <= 0 or upper - lower <= tol * max(1.0, abs(lower)):
+            return float(upper)  # a u with h(u) <= 0: unreachable; or the bounds met
+    return float(lower)
 
 
 def _kkt(lam: np.ndarray, grad: np.ndarray) -> float:
