@@ -167,7 +167,13 @@ def test_evaluate_agrees_with_exact_enumeration_within_its_intervals(demos, tmp_
                               (got["kl"], w["achieved"]["kl"])):  # fmt: skip
             assert est["lo"] <= hi and lo <= est["hi"], (name, est, lo, hi)
     mocan = report["policies"]["mocan"]
-    assert mocan["constraints"][0]["threshold"] == 1.0 and mocan["constraints"][0]["verdict"] in ("met", "inconclusive")
+    # the verdict is never wrong about the exact safety: "met" only above b, "violated" only below
+    # (at K = 256 the policy lands at 0.89 on its training prompts, within the acceptance's 10% of
+    # the gap below b = 1.0, so on held-out prompts "violated" is the true answer)
+    (g_lo, g_hi), check = exact["mocan"]["achieved"]["safety"][0], mocan["constraints"][0]
+    assert check["threshold"] == 1.0 and check["verdict"] in ("met", "violated", "inconclusive")
+    assert check["verdict"] != "met" or g_hi >= 1.0, (check, g_lo, g_hi)
+    assert check["verdict"] != "violated" or g_lo < 1.0, (check, g_lo, g_hi)
     assert mocan["win_rate"]["safety"][0]["mean"] > 0.5  # safer than the reference, as trained
     assert abs(mocan["predicted"]["lambda"][0] - json.loads((out / "prep" / "dual.json").read_text())["lam"][0]) < 1e-12
     assert "| mocan |" in (tmp_path / "eval" / "report.md").read_text()
