@@ -506,6 +506,20 @@ def test_large_n_starts_from_the_strided_subset_solution():
     assert np.array_equal(at_1024.lam, solve_dual(reward[:1024], safety[:1024], b, 0.5, lam0=0.0).lam)
 
 
+def test_joint_feasibility_undecided_within_its_cut_budget_is_refused():
+    """With too few cutting planes to settle the sign (here 1 or 5), joint_slack returns the master
+    LP's lower bound, <= 0: solve_dual then refuses the thresholds rather than guess; with its
+    default budget the same reachable thresholds (LP margin +0.0058) are decided reachable."""
+    from openrlhf_dual.dual.solver import joint_slack
+
+    rng = np.random.default_rng(0)
+    n, k, m = 100, 8, 20
+    safety = rng.normal(size=(n, k, m))
+    base, reach = safety.mean(axis=(0, 1)), safety.max(axis=1).mean(axis=0)
+    b = base + 0.22 * (reach - base)
+    assert joint_slack(safety, b, max_cuts=1) < joint_slack(safety, b, max_cuts=5) < 0 < joint_slack(safety, b) <= 0.0058
+
+
 def test_many_constraints_verdict_matches_the_direct_linear_program():
     """20 constraints: the feasibility verdict agrees with the max-margin LP over per-prompt
     reweightings (max t s.t. mean_i sum_k w_ik g_ik >= b + t), also within 1e-3 of the boundary,
