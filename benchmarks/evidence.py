@@ -191,8 +191,9 @@ def mutation_paragraph() -> str:
 **The tests fail when the code is wrong** (`{s['command']}`, {s['tool']}, {s['date']}: every function of
 the dual, the labels, the pairs, the evaluation statistics and the Safe-RLHF normaliser mutated, the
 fast tests run against each mutant): {t['killed']} of {t['mutants'] - t['equivalent']} non-equivalent mutants
-killed ({t['score']:.1%}); {t['equivalent']} more change nothing observable (mutation/EQUIVALENT.md says why, one by
-one). Killed / non-equivalent per module: {per}.
+killed ({t['score']:.1%}); {t['equivalent']} more are listed in mutation/EQUIVALENT.md, each with why no test can
+tell it from the code (the same computation written differently, ties of probability zero, a
+budget no input reaches). Killed / non-equivalent per module: {per}.
 {MUT_END}"""
 
 
