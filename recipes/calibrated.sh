@@ -39,6 +39,7 @@ TRAIN_FLAGS=${TRAIN_FLAGS:-"--ds.zero_stage 2 --ds.param_dtype bf16 --ds.load_in
 EVAL_FLAGS=${EVAL_FLAGS-""}                  # evaluate reuses prepare's engine settings unless given its own
 # --------------------------------------------------------------------------------------------
 mkdir -p "$OUT"
+source "$(dirname "$0")/lib/runs.sh"
 
 # 1. The dual step, once (a finished prepare is reused as it is).
 python -m openrlhf_dual.cli.prepare \
@@ -55,29 +56,13 @@ REPORTS=()
 for ROUND in $(seq 0 "$ROUNDS"); do
   NAME="round-$ROUND"
   CKPT="$OUT/$NAME"
-  # 2. Train (kept when finished: CKPT.done, written after the run exits 0, holds what it was
-  #    trained with; a run killed while it saved is run again, one with other settings refused).
-  RUN="$REF $PREP $OBJECTIVE $BETA ${LAM:-lambda*} $TRAIN_FLAGS"
-  if [ -f "$CKPT.done" ] && [ "$(cat "$CKPT.done")" != "$RUN" ]; then
-    echo "calibrated: $CKPT was trained with other settings ($(cat "$CKPT.done")); remove $CKPT.done to train it again" >&2
-    exit 1
-  fi
-  if [ ! -f "$CKPT.done" ]; then
+  # train (a finished run with the same settings is kept: recipes/lib/runs.sh), then make it loadable
+  train_once "$CKPT" "$REF $PREP $OBJECTIVE $BETA ${LAM:-lambda*} $TRAIN_FLAGS" \
     $LAUNCH "${TRAINER[@]}" \
        --model.model_name_or_path "$REF" $TRAIN_FLAGS \
        --ckpt.output_dir "$CKPT" --logger.logging_steps 1 --logger.tensorboard_dir "$OUT/tensorboard/$NAME" \
        --dual.algo mocan --dual.prep_dir "$PREP" ${LAM:+--dual.lambda $LAM}
-    printf '%s\n' "$RUN" > "$CKPT.done"
-  fi
-  # With LoRA OpenRLHF saves the adapter only, which vLLM cannot load as a model: merge it.
-  if [ -f "$CKPT/adapter_config.json" ]; then
-    if [ ! -f "$CKPT-merged.done" ]; then
-      python -m openrlhf.cli.lora_combiner --model_path "$REF" --lora_path "$CKPT" \
-         --output_path "$CKPT-merged" --ds.param_dtype bf16
-      touch "$CKPT-merged.done"
-    fi
-    CKPT="$CKPT-merged"
-  fi
+  loadable_ckpt "$REF"
   # 3. Evaluate on held-out prompts, the policy named with the lambda it was trained at.
   if [ ! -f "$OUT/$NAME-eval/report.json" ]; then
     python -m openrlhf_dual.cli.evaluate --dual.prep_dir "$PREP" --eval.out "$OUT/$NAME-eval" \

@@ -25,6 +25,7 @@ TRAIN_FLAGS=${TRAIN_FLAGS:-"--ds.zero_stage 2 --ds.param_dtype bf16 --ds.load_in
 EVAL_FLAGS=${EVAL_FLAGS-"--dual.backend vllm --dual.num_gpus_per_actor 1"}   # set it empty for HF on CPU
 # --------------------------------------------------------------------------------------------
 mkdir -p "$OUT"
+source "$(dirname "$0")/lib/runs.sh"
 
 if [ "$OBJECTIVE" = dpo ]; then TRAINER=(openrlhf_dual.cli.train_dpo --model.beta "$BETA"); else TRAINER=(openrlhf_dual.cli.train_sft); fi
 POLICIES=()
@@ -32,31 +33,13 @@ for LAM in $LAMBDAS; do
   if [ "$LAM" = star ]; then LAM_FLAG=(); NAME=lambda-star; LAM_SPEC="";
   else LAM_FLAG=(--dual.lambda "$LAM"); NAME="lambda-$LAM"; LAM_SPEC=":$LAM"; fi
   CKPT="$OUT/$NAME"
-  # a run that finished (CKPT.done, written after it exits 0, holds what it was trained with) is
-  # kept: rerunning the sweep resumes; a run killed while it saved is run again; a finished run with
-  # other settings is refused, not reused
-  RUN="$REF $PREP $OBJECTIVE $BETA ${LAM_FLAG[*]} $TRAIN_FLAGS"
-  if [ -f "$CKPT.done" ] && [ "$(cat "$CKPT.done")" != "$RUN" ]; then
-    echo "sweep: $CKPT was trained with other settings ($(cat "$CKPT.done")); remove $CKPT.done to train it again" >&2
-    exit 1
-  fi
-  if [ ! -f "$CKPT.done" ]; then
+  # train (a finished run with the same settings is kept: recipes/lib/runs.sh), then make it loadable
+  train_once "$CKPT" "$REF $PREP $OBJECTIVE $BETA ${LAM_FLAG[*]} $TRAIN_FLAGS" \
     $LAUNCH "${TRAINER[@]}" \
        --model.model_name_or_path "$REF" $TRAIN_FLAGS \
        --ckpt.output_dir "$CKPT" --logger.logging_steps 1 --logger.tensorboard_dir "$OUT/tensorboard/$NAME" \
        --dual.algo mocan --dual.prep_dir "$PREP" "${LAM_FLAG[@]}"
-    printf '%s\n' "$RUN" > "$CKPT.done"
-  fi
-  # With LoRA (--ds.lora.rank) OpenRLHF saves the adapter only, which vLLM cannot load as a model:
-  # merge it into the reference with OpenRLHF's lora_combiner and evaluate the merged checkpoint.
-  if [ -f "$CKPT/adapter_config.json" ]; then
-    if [ ! -f "$CKPT-merged.done" ]; then
-      python -m openrlhf.cli.lora_combiner --model_path "$REF" --lora_path "$CKPT" \
-         --output_path "$CKPT-merged" --ds.param_dtype bf16
-      touch "$CKPT-merged.done"
-    fi
-    CKPT="$CKPT-merged"
-  fi
+  loadable_ckpt "$REF"
   POLICIES+=("$NAME=$CKPT$LAM_SPEC")
 done
 
