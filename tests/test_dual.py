@@ -318,6 +318,14 @@ def test_a_warm_start_at_lambda_star_takes_no_step(m):
     assert slack.iterations == 0 and slack.lam.tolist() == [0.0] * m and slack.lam.dtype == np.float64
 
 
+@pytest.mark.parametrize("m, lam0", [(1, [0.3, 0.5]), (2, 0.3), (2, [0.1, 0.2, 0.3]), (1, float("nan")), (2, [0.1, np.inf])])
+def test_a_warm_start_of_the_wrong_length_or_not_finite_is_refused(m, lam0):
+    """Not silently truncated (its first value used), broadcast or run from NaN: a clear error."""
+    reward, safety = instance(m=m, seed=1)
+    with pytest.raises(ValueError, match=f"lam0 must be {m} finite value"):
+        solve_dual(reward, safety, safety.mean(axis=(0, 1)), 0.5, lam0=lam0)
+
+
 def test_slack_constraints_stop_at_zero_at_once():
     """A threshold pi_0 already meets: lambda* = 0 exactly after no step, for a gradient below 1
     too; with tol = 0 the same holds for a threshold pi_0 meets with equality."""

@@ -91,6 +91,16 @@ def check_inputs(reward, safety, thresholds, beta: float, form: str):
     return reward, safety, thresholds
 
 
+def check_start(lam0, m: int) -> np.ndarray | None:
+    """A warm start as float64 [m], or None: one finite value per constraint (a number for one)."""
+    if lam0 is None:
+        return None
+    start = np.asarray(lam0, dtype=np.float64).reshape(-1)
+    if start.size != m or not np.isfinite(start).all():
+        raise ValueError(f"lam0 must be {m} finite value(s), one per constraint; got {start.tolist()}")
+    return start
+
+
 def joint_slack(safety: np.ndarray, thresholds: np.ndarray, tol: float = 1e-12, max_cuts: int = 1000) -> float:
     """A number with the sign of min over u in the simplex of h(u) = mean_i max_k u . g_ik - u . b
     (> 0 iff the thresholds are strictly reachable by reweighting the samples), by Kelley's cutting
@@ -221,9 +231,11 @@ def solve_dual(
     (PeCAN): inputs are log-ratio scores s_r, s_g; the constraint is E_pi[g] - E_ref[g] >= b with
     g = beta * s_g, handled as the model form on r = beta * s_r, g = beta * (s_g - mean_k s_g):
     centring per prompt leaves each prompt's softmax unchanged and puts the reference term (its
-    sample estimate) inside the per-prompt gradient, so standard errors account for it."""
+    sample estimate) inside the per-prompt gradient, so standard errors account for it. lam0: where
+    the solver starts, one value per constraint (default 0)."""
     reward, safety, thresholds = check_inputs(reward, safety, thresholds, beta, form)
     n, k, m = safety.shape
+    lam0 = check_start(lam0, m)
     reference = {"reward": float(reward.mean()), "safety": safety.mean(axis=(0, 1))}
     reachable = safety.max(axis=1).mean(axis=0)
     common = dict(reference=reference, reachable=reachable, thresholds=thresholds, beta=float(beta), form=form,
