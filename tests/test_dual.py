@@ -303,12 +303,13 @@ def test_iterations_count_the_steps_and_max_iter_caps_them(m, scale):
 @pytest.mark.parametrize("m", [1, 2])
 def test_a_warm_start_at_lambda_star_takes_no_step(m):
     """lam0 is where the solver starts: at lambda* itself (one constraint active below 1, one slack
-    at 0), it stops at once; a negative lam0 is clipped to 0, the cold start."""
+    at 0; as an array, a list, a [1, m] row, a number), it stops at once; a negative lam0 is
+    clipped to 0, the cold start."""
     reward, safety = instance(m=m, seed=1)
     b = safety.mean(axis=(0, 1)) + np.array([0.2, -2.0])[:m]
     cold = solve_dual(reward, safety, b, 0.5)
     assert 0 < cold.lam[0] < 1 and cold.iterations >= 2
-    starts = [cold.lam, cold.lam.tolist()] + ([float(cold.lam[0]), np.float64(cold.lam[0])] if m == 1 else [])
+    starts = [cold.lam, cold.lam.tolist(), cold.lam[None, :]] + ([float(cold.lam[0]), np.float64(cold.lam[0])] if m == 1 else [])
     for lam0 in starts:
         warm = solve_dual(reward, safety, b, 0.5, lam0=lam0)
         assert warm.iterations == 0 and np.array_equal(warm.lam, cold.lam) and warm.lam.dtype == np.float64

@@ -144,13 +144,14 @@ def _kkt(lam: np.ndarray, grad: np.ndarray) -> float:
 
 def newton(reward, safety, thresholds, beta, lam0=None, tol=1e-10, max_iter=100) -> tuple[np.ndarray, DualEval, int, float]:
     """Minimise D over lam >= 0 (inputs must be feasible: D bounded below). Returns (lam, eval at
-    lam, iterations, KKT residual scaled by the largest |g|). One constraint: `solve_one`.
-    Several: projected Newton with an active set and Armijo backtracking on D."""
+    lam, iterations, KKT residual scaled by the largest |g|). lam0: float64 [m] or None (0), as
+    `check_start` gives it. One constraint: `solve_one`. Several: projected Newton with an active
+    set and Armijo backtracking on D."""
     scale = max(1.0, float(np.abs(safety).max()))
     if safety.shape[2] == 1:
         lam, ev, it = solve_one(reward, safety, float(thresholds[0]), beta, lam0, tol * scale, max_iter)
         return lam, ev, it, _kkt(lam, ev.safety - thresholds) / scale
-    lam = np.zeros(safety.shape[2]) if lam0 is None else np.maximum(np.asarray(lam0, dtype=np.float64), 0.0)
+    lam = np.zeros(safety.shape[2]) if lam0 is None else np.maximum(lam0, 0.0)
     ev = evaluate(reward, safety, lam, beta, thresholds)
     for it in range(max_iter + 1):
         grad = ev.safety - thresholds
@@ -175,7 +176,7 @@ def solve_one(reward, safety, b: float, beta: float, lam0=None, tol=1e-10, max_i
         sub = slice(None, None, n // 512)
         lam0 = solve_one(reward[sub], safety[sub], b, beta, None, tol, max_iter)[0]
     f = OneConstraint(reward, safety, beta)
-    x = 0.0 if lam0 is None else max(float(np.asarray(lam0).reshape(-1)[0]), 0.0)
+    x = 0.0 if lam0 is None else max(float(lam0[0]), 0.0)
     lo, hi, prev = 0.0, np.inf, np.inf
     for it in range(max_iter):
         g, h, t, ev = f.derivatives(x, b)
