@@ -169,8 +169,9 @@ def solve_one(reward, safety, b: float, beta: float, lam0=None, tol=1e-10, max_i
     """One constraint: the gradient E_pi_lam[g] - b is non-decreasing in lam, so its root is
     kept in a bracket [lo, hi]; Halley steps (closed-form second and third derivatives of D)
     inside it, bisection when a step leaves it, doubling until hi is found. Robust where the
-    weights are nearly one-hot and the Hessian vanishes. Large N starts from the solution on a
-    strided subset of prompts (cheap, and close: the estimate's error is statistical)."""
+    weights are nearly one-hot and the Hessian vanishes. Starts at lam0 ([1], clipped at 0) when
+    given; else, for large N, from the solution on a strided subset of prompts (cheap, and close:
+    the estimate's error is statistical)."""
     n = reward.shape[0]
     if lam0 is None and n > 1024:
         sub = slice(None, None, n // 512)
